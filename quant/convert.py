@@ -38,7 +38,7 @@ def load_calibration(path) -> dict[str, torch.Tensor]:
     """Calibration file: safetensors, key = layer name (ComfyUI or diffusers), value = the
     activation amax (one element) or sample activations [..., K] whose abs-max is used."""
     store = TensorStore([Path(path)])
-    return {k: store.get(k).float().abs().amax() for k in store.keys()}
+    return {k: store.get(k) for k in store.keys()}
 
 
 def quantize_checkpoint(src, fmt: str, out, *, exclude=(), default_exclude: bool = True,
@@ -56,7 +56,8 @@ def quantize_checkpoint(src, fmt: str, out, *, exclude=(), default_exclude: bool
         raise CheckpointError("checkpoint is already quantized; use `nvfp4 convert`", path=ck.path,
                               found=ck.flavour)
     patterns = tuple(exclude) + (names.DEFAULT_EXCLUDE if default_exclude else ())
-    calibration = calibration or {}
+    # Amax per layer; sample activations reduce to their abs-max.
+    calibration = {k: torch.as_tensor(v).float().abs().amax() for k, v in (calibration or {}).items()}
     skipped = []
     hidden = ck.hidden_size
 

@@ -312,6 +312,9 @@ class Checkpoint:
                 raise ShapeMismatchError("bias does not match the weight", path=f, tensor=f"{m}.bias",
                                          expected=n, found=bias_n)
             return n, k
+        if self.store.dtype(wkey) != torch.uint8:
+            raise DTypeMismatchError("NVFP4 weight must be packed uint8", path=f, tensor=wkey,
+                                     expected="uint8 [N, K/2]", found=str(self.store.dtype(wkey)))
         skey, gkey = f"{m}.weight_scale", f"{m}.weight_scale_2"
         self._require(skey, "NVFP4 block scale (weight_scale)")
         self._require(gkey, "NVFP4 global scale (weight_scale_2)")
