@@ -1,0 +1,132 @@
+"""The linear module the DiT runs: canonical NVFP4 (or FP8 / dense) tensors as registered
+parameters, executed by the selected backend, remembering which path it took.
+
+All tensors are nn.Parameters (requires_grad=False): ComfyUI's model patchers move parameters
+of modules without `comfy_cast_weights` wholesale between devices (the dynamic-VRAM patcher
+keeps the CPU originals as backups), and never touch plain attributes. Prepared backend
+layouts are parameters too (`prep_<backend>_<name>`), made from the CPU originals.
+"""
+from __future__ import annotations
+
+import contextvars
+
+import torch
+
+from ..quant.layers import BF16, FP8, NVFP4, DenseLinear, FP8Linear, NVFP4Linear
+from ..quant.nvfp4 import NVFP4Weight
+from . import registry
+
+# The backend of the sampling run in progress (set by the model wrapper); modules fall back
+# to their own `backend` attribute outside such a run.
+ACTIVE_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("nvfp4_backend", default=None)
+
+_PARAM = dict(requires_grad=False)
+
+
+class NVFP4LinearModule(torch.nn.Module):
+    """Drop-in for torch.nn.Linear(in_features, out_features, bias) inside ComfyUI models."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.has_bias = bias
+        self.format: str | None = None   # set when the state dict is loaded
+        self.n_parts = 0
+        self.layer_name = ""
+        self.backend = "dequant"
+        self.last_path: str | None = None
+        self.compute_dtype = dtype
+
+    # ----- building from canonical layers -----
+    def set_layer(self, layer) -> None:
+        """Register a canonical layer's tensors (NVFP4Linear, FP8Linear or DenseLinear)."""
+        for n in list(self._parameters):
+            del self._parameters[n]
+        n, k = layer.shape
+        if (n, k) != (self.out_features, self.in_features):
+            raise ValueError(f"{self.layer_name or 'linear'}: checkpoint layer is {n}x{k}, the model needs "
+                             f"{self.out_features}x{self.in_features}")
+        self.format = layer.format
+        if isinstance(layer, NVFP4Linear):
+            self.n_parts = len(layer.parts)
+            for i, p in enumerate(layer.parts):
+                self.register_parameter(f"packed_{i}", torch.nn.Parameter(p.packed, **_PARAM))
+                self.register_parameter(f"scale_{i}", torch.nn.Parameter(p.block_scale, **_PARAM))
+                self.register_parameter(f"gscale_{i}", torch.nn.Parameter(p.global_scale.float().reshape(()), **_PARAM))
+                if p.input_scale is not None:
+                    self.register_parameter(f"iscale_{i}", torch.nn.Parameter(p.input_scale.float().reshape(()), **_PARAM))
+        elif isinstance(layer, FP8Linear):
+            self.register_parameter("weight", torch.nn.Parameter(layer.weight, **_PARAM))
+            self.register_parameter("weight_scale", torch.nn.Parameter(layer.weight_scale.reshape(()), **_PARAM))
+            if layer.input_scale is not None:
+                self.register_parameter("input_scale", torch.nn.Parameter(layer.input_scale.reshape(()), **_PARAM))
+        else:
+            self.register_parameter("weight", torch.nn.Parameter(layer.weight, **_PARAM))
+        if layer.bias is not None:
+            self.register_parameter("bias", torch.nn.Parameter(layer.bias, **_PARAM))
+        elif self.has_bias:
+            raise ValueError(f"{self.layer_name or 'linear'}: the model expects a bias, the checkpoint has none")
+
+    # ----- reading tensors on the compute device -----
+    def t(self, name: str, device: torch.device) -> torch.Tensor | None:
+        p = self._parameters.get(name)
+        if p is None:
+            return None
+        # Offloaded (lowvram/novram) layers stay on the CPU; fetch them like ComfyUI's cast does.
+        return p if p.device == device else p.to(device, non_blocking=True)
+
+    def parts(self, device: torch.device) -> list[NVFP4Weight]:
+        return [NVFP4Weight(self.t(f"packed_{i}", device), self.t(f"scale_{i}", device),
+                            self.t(f"gscale_{i}", device), self.t(f"iscale_{i}", device))
+                for i in range(self.n_parts)]
+
+    def canonical(self):
+        """The canonical layer back from the registered (CPU or GPU) tensors."""
+        bias = self._parameters.get("bias")
+        if self.format == NVFP4:
+            return NVFP4Linear(self.parts(self._parameters["packed_0"].device), bias)
+        if self.format == FP8:
+            return FP8Linear(self.weight, self.weight_scale, self._parameters.get("input_scale"), bias)
+        return DenseLinear(self.weight, bias)
+
+    # ----- prepared layouts -----
+    def prepared_backends(self) -> set[str]:
+        return {n.split("_", 2)[1] for n in self._parameters if n.startswith("prep_")}
+
+    def set_prepared(self, backend: str, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            self.register_parameter(f"prep_{backend}_{name}", torch.nn.Parameter(t, **_PARAM))
+
+    def drop_prepared(self, keep: str | None = None) -> int:
+        """Free prepared layouts of every backend but `keep`; returns bytes freed."""
+        freed = 0
+        for n in [n for n in self._parameters if n.startswith("prep_")]:
+            if keep is None or not n.startswith(f"prep_{keep}_"):
+                freed += self._parameters[n].numel() * self._parameters[n].element_size()
+                del self._parameters[n]
+        return freed
+
+    def prep(self, backend: str, name: str, device: torch.device) -> torch.Tensor:
+        t = self.t(f"prep_{backend}_{name}", device)
+        if t is None:
+            raise RuntimeError(f"{self.layer_name}: weights for backend '{backend}' were not prepared "
+                               f"(run the model through the NVFP4 GEMM Backend node)")
+        return t
+
+    # ----- running -----
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format is None:
+            raise RuntimeError(f"{self.layer_name or 'NVFP4 linear'}: no weights were loaded into this layer")
+        if self.format == BF16:
+            w = self.t("weight", x.device).to(x.dtype)
+            b = self.t("bias", x.device)
+            self.last_path = "bf16"
+            return torch.nn.functional.linear(x, w, None if b is None else b.to(x.dtype))
+        name = ACTIVE_BACKEND.get() or self.backend
+        backend = registry.get(name)
+        y = backend.run(self, x)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"parts={self.n_parts}, backend={self.backend}")

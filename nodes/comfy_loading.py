@@ -1,0 +1,96 @@
+"""Build ComfyUI's own FLUX model from an NVFP4 checkpoint, with our linear module as its Linear.
+
+ComfyUI detects the architecture from the state dict it is given. We give it the checkpoint's
+real non-linear parameters plus, for every linear, a meta-device placeholder of the TRUE
+(N, K) shape (packed NVFP4 weights have K/2 columns and would mislead detection). The
+linears' real tensors are handed to our module by name while the state dict loads.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.ops
+import comfy.sd
+import comfy.utils
+
+from ..kernels.module import NVFP4LinearModule
+from ..quant import Checkpoint
+
+log = logging.getLogger("comfyui_nvfp4")
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class NVFP4LoadError(RuntimeError):
+    pass
+
+
+def make_operations(layers: dict):
+    """A ComfyUI operations class whose Linear takes its tensors from `layers` (name -> canonical)."""
+
+    class Linear(NVFP4LinearModule):
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            name = prefix[:-1]
+            self.layer_name = name
+            for suffix in ("weight", "bias"):
+                state_dict.pop(prefix + suffix, None)  # the meta placeholders
+            layer = layers.pop(name, None)
+            if layer is None:
+                missing_keys.append(prefix + "weight")
+                return
+            self.set_layer(layer)
+
+    class Operations(comfy.ops.manual_cast):
+        pass
+
+    Operations.Linear = Linear
+    return Operations
+
+
+def comfy_state_dict(ck: Checkpoint, layers: dict) -> dict:
+    sd = {k: ck.load_param(k) for k in ck.params}
+    for name, layer in layers.items():
+        n, k = layer.shape
+        sd[f"{name}.weight"] = torch.empty((n, k), dtype=torch.bfloat16, device="meta")
+        if layer.bias is not None:
+            sd[f"{name}.bias"] = torch.empty((n,), dtype=torch.bfloat16, device="meta")
+    return sd
+
+
+def load_nvfp4_model(path, compute_dtype: str = "auto", progress=None):
+    """ModelPatcher for the checkpoint at `path`. `progress(done, total)` is called per layer."""
+    ck = Checkpoint(path)
+    if ck.flavour == "bf16":
+        raise NVFP4LoadError(f"{path} holds no NVFP4 layers (a plain bf16 checkpoint): load it with "
+                             f"ComfyUI's Load Diffusion Model node, or quantize it with `nvfp4 quantize`")
+    layers = {}
+    total = len(ck.layers)
+    for i, name in enumerate(ck.layers):
+        layers[name] = ck.load_linear(name)
+        if progress:
+            progress(i + 1, total)
+    sd = comfy_state_dict(ck, layers)
+    expected = set(layers)
+    options = {"custom_operations": make_operations(layers)}
+    if DTYPES.get(compute_dtype) is not None:
+        options["dtype"] = DTYPES[compute_dtype]
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+    if patcher is None:
+        raise NVFP4LoadError(f"ComfyUI could not build a model from {path} ({ck.architecture})")
+    modules = {m.layer_name: m for m in patcher.model.diffusion_model.modules() if isinstance(m, NVFP4LinearModule)}
+    unloaded = sorted(n for n, m in modules.items() if m.format is None)
+    unused = sorted(layers)  # whatever the model did not take
+    if unloaded or unused:
+        raise NVFP4LoadError(f"{path}: checkpoint and ComfyUI's {ck.architecture} model disagree: "
+                             f"layers without weights {unloaded[:5]}, checkpoint layers not in the model "
+                             f"{unused[:5]}")
+    missing_in_model = expected - set(modules)
+    if missing_in_model:
+        raise NVFP4LoadError(f"{path}: layers not built by the model: {sorted(missing_in_model)[:5]}")
+    patcher.model.nvfp4_info = {"path": str(path), "flavour": ck.flavour, "architecture": ck.architecture,
+                                "formats": {n: m.format for n, m in modules.items()}}
+    log.info("NVFP4: loaded %s (%s, %s): %d linears", path, ck.flavour, ck.architecture, len(modules))
+    return patcher
