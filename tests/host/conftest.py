@@ -11,8 +11,8 @@ from comfyui_nvfp4.quant.shapes import FluxDims
 from comfyui_nvfp4.quant.synthetic import write_synthetic
 from comfyui_nvfp4.quant.writer import write_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_server import ENV_VAR, ComfyServer, comfyui_path
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from comfy_driver import ENV_VAR, ComfyServer, comfyui_path
 
 pytestmark = pytest.mark.host
 

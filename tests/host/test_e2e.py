@@ -56,3 +56,57 @@ def test_dequant_matches_bf16_reference_workflow(server, arch, flavour):
     assert rel(a, b) <= 1e-3, rel(a, b)
     texts = server.progress_texts(ours["messages"], "2")
     assert texts and "dequant:" in texts[-1] and "bf16:" in texts[-1], texts
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_emulate_within_nvfp4_error_of_bf16_original(server, arch):
+    ckpt = f"{arch}_comfy.safetensors"
+    emu = server.run(nvfp4_prompt(ckpt, "emulate", arch, prefix=f"e_{arch}"))
+    deq = server.run(nvfp4_prompt(ckpt, "dequant", arch, prefix=f"e_d_{arch}"))
+    orig = server.run(nvfp4_prompt(f"{arch}_bf16.safetensors", arch=arch, loader="core", prefix=f"e_o_{arch}"))
+    for r in (emu, deq, orig):
+        assert r["status"] == "success", r["errors"]
+    e, d, o = (latent_of(server, r) for r in (emu, deq, orig))
+    weight_only, w4a4 = rel(d, o), rel(e, o)
+    # Activation quantization adds error on top of the weight error, of the same order (NVFP4 on
+    # both operands), and it is really applied (emulate != dequant).
+    assert 0 < weight_only < 0.25 and weight_only < w4a4 < 3 * weight_only + 0.05, (weight_only, w4a4)
+    assert rel(e, d) > 1e-3
+    texts = server.progress_texts(emu["messages"], "2")
+    assert texts and "emulate:" in texts[-1]
+
+
+def test_switching_backend_between_prompts(server):
+    a = server.run(nvfp4_prompt("flux1_modelopt", "dequant", prefix="sw_a"))
+    b = server.run(nvfp4_prompt("flux1_modelopt", "emulate", prefix="sw_b"))
+    c = server.run(nvfp4_prompt("flux1_modelopt", "auto", prefix="sw_c"))
+    for r in (a, b, c):
+        assert r["status"] == "success", r["errors"]
+    la, lb, lc = (latent_of(server, r) for r in (a, b, c))
+    assert torch.equal(la, lc)  # auto on a CPU is dequant, and the model is reused across prompts
+    assert rel(lb, la) > 1e-3
+    assert "emulate" in server.progress_texts(b["messages"], "2")[-1]
+    assert "dequant" in server.progress_texts(c["messages"], "2")[-1]
+    paths = server.get("/nvfp4/paths")
+    assert paths["2"]["backend"] == "dequant" and paths["2"]["paths"]["dequant"] > 0
+
+
+def test_malformed_checkpoint_is_a_clear_node_error_and_server_survives(server):
+    bad = server.run(nvfp4_prompt("broken.safetensors", "dequant", prefix="bad"))
+    assert bad["status"] == "error"
+    err = bad["errors"][0]
+    assert err["node_type"] == "NVFP4ModelLoader"
+    assert "broken.safetensors" in err["exception_message"] and "truncated" in err["exception_message"]
+    ok = server.run(nvfp4_prompt("flux2_modelopt", "dequant", "flux2", prefix="after_bad"))
+    assert ok["status"] == "success", ok["errors"]
+
+
+def test_unavailable_backend_is_a_clear_node_error(server):
+    info = server.get("/nvfp4/backends")
+    missing = [b for b in info["backends"] if not b["available"]]
+    if not missing:
+        pytest.skip("every backend is available on this server's device")
+    r = server.run(nvfp4_prompt("flux1_comfy.safetensors", missing[0]["name"], prefix="unavail"))
+    assert r["status"] == "error"
+    msg = r["errors"][0]["exception_message"]
+    assert missing[0]["name"] in msg and "Available here: dequant" in msg and info["device"] in msg

@@ -13,9 +13,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import websocket  # websocket-client
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ENV_VAR = "COMFYUI_PATH"
 
 
@@ -47,6 +46,8 @@ class ComfyServer:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT)
         self._wait_ready()
+        import websocket  # websocket-client; imported here so collecting host tests never needs it
+
         self.client_id = str(uuid.uuid4())
         self.ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}",
                                               timeout=600)
@@ -80,7 +81,7 @@ class ComfyServer:
         except urllib.error.HTTPError as e:
             return {"http_error": e.code, **json.loads(e.read() or b"{}")}
 
-    def run(self, prompt: dict, timeout=900) -> dict:
+    def run(self, prompt: dict, timeout=900, on_message=None) -> dict:
         """Queue a prompt, follow /ws until it finishes; returns history + ws messages."""
         r = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
         if "prompt_id" not in r:
@@ -95,6 +96,8 @@ class ComfyServer:
                 continue
             msg = json.loads(raw)
             messages.append(msg)
+            if on_message is not None:
+                on_message(msg)
             d = msg.get("data", {})
             if d.get("prompt_id") != pid:
                 continue
