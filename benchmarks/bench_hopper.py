@@ -1,0 +1,98 @@
+"""Per-GEMM benchmark of the non-Blackwell paths on FLUX.1-dev shapes (run on the device).
+
+For each (M, K, N): bf16 F.linear with bias (the baseline, same run), our `dequant` (what ComfyUI
+core does on these GPUs), `fp8` (activation quantization included) and `w4a16`; median ms
+(triton.testing.do_bench), TFLOP/s, speed ratio to bf16, relative error against the fp32 product
+of the dequantized weight, and the `emulate` (Blackwell W4A4) error for scale.
+Usage: python benchmarks/bench_hopper.py [--json OUT.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from _bootstrap import ensure_package  # noqa: E402
+
+ensure_package()
+from comfyui_nvfp4.kernels import registry  # noqa: E402
+from comfyui_nvfp4.kernels.module import NVFP4LinearModule  # noqa: E402
+from comfyui_nvfp4.kernels.portable import EMULATE  # noqa: E402
+from comfyui_nvfp4.quant import nvfp4  # noqa: E402
+from comfyui_nvfp4.quant.layers import NVFP4Linear  # noqa: E402
+
+# (M, K, N): image+text tokens at 1024x1024 for the big ones; text-only and modulation GEMMs small.
+SHAPES = [(4096, 3072, 9216), (4096, 3072, 3072), (4096, 3072, 12288), (4096, 12288, 3072),
+          (4608, 3072, 21504), (4608, 15360, 3072), (512, 3072, 12288), (16, 3072, 3072), (1, 3072, 18432)]
+BIG = SHAPES[:6]
+
+
+def bench(fn):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--backends", default="dequant,fp8,w4a16")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    rows, table = [], []
+    names = a.backends.split(",")
+    for (m, k, n) in SHAPES:
+        w = torch.randn(n, k, device=dev) / math.sqrt(k)
+        mod = NVFP4LinearModule(k, n, bias=True)
+        mod.set_layer(NVFP4Linear([nvfp4.quantize(w)], (torch.randn(n, device=dev) * 0.02).to(torch.bfloat16)))
+        for name in names:
+            b = registry.get(name)
+            if b.prepares:
+                mod.set_prepared(name, b.prepare(mod))
+        mod.to(dev)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        w_bf16 = mod.canonical().dequantize(torch.bfloat16)
+        bias = mod.bias
+        ref = x.float() @ mod.canonical().dequantize(torch.float32).t() + bias.float()
+        flops = 2 * m * n * k
+        base = bench(lambda: torch.nn.functional.linear(x, w_bf16, bias))
+        res = {"shape": [m, k, n], "bf16_ms": base, "emulate_err": rel(EMULATE.run(mod, x.float()), ref),
+               "bf16_err": rel(torch.nn.functional.linear(x, w_bf16, bias), ref)}
+        table.append((f"{m},{k},{n}", "bf16", base, flops / base / 1e9, 1.0, res["bf16_err"]))
+        for name in names:
+            b = registry.get(name)
+            ms = bench(lambda: b.run(mod, x))
+            err = rel(b.run(mod, x), ref)
+            res[f"{name}_ms"], res[f"{name}_err"] = ms, err
+            table.append((f"{m},{k},{n}", name, ms, flops / ms / 1e9, base / ms, err))
+        res["resident_bytes_ratio_w4a16"] = (mod.packed_0.numel() + mod.scale_0.numel()) / (2 * n * k)
+        rows.append(res)
+        del mod, w_bf16, x, ref
+        torch.cuda.empty_cache()
+    print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
+          f"{__import__('triton').__version__}")
+    print("| shape M,K,N | path | ms | TFLOP/s | x bf16 | rel err |")
+    print("|---|---|---|---|---|---|")
+    for s, p, ms, tf, ratio, err in table:
+        print(f"| {s} | {p} | {ms:.3f} | {tf:.0f} | {ratio:.2f} | {err:.4f} |")
+    for name in names:
+        big = [r["bf16_ms"] / r[f"{name}_ms"] for r in rows if tuple(r["shape"]) in BIG]
+        print(f"{name}: geomean speed vs bf16 over the {len(big)} big FLUX.1-dev shapes: "
+              f"{math.exp(sum(map(math.log, big)) / len(big)):.3f}x")
+    print(f"emulate (W4A4) error range: {min(r['emulate_err'] for r in rows):.4f}-"
+          f"{max(r['emulate_err'] for r in rows):.4f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
