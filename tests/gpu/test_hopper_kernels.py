@@ -9,8 +9,9 @@ from comfyui_nvfp4.quant import nvfp4
 from comfyui_nvfp4.quant.layers import NVFP4Linear
 
 DEV = torch.device("cuda")
-SHAPES = [(1, 64, 64), (1, 3072, 3072), (5, 136, 80), (16, 1000, 304), (130, 272, 96), (4096, 512, 1024),
-          (333, 3072, 9216)]
+# (M, N, K): K a multiple of 128 for the w4a16 kernel; odd N; M = 1..4 take the GEMV kernel
+SHAPES = [(1, 64, 128), (1, 18432, 3072), (3, 136, 256), (4, 1000, 384), (5, 136, 128), (16, 1000, 384),
+          (130, 272, 896), (4096, 512, 1024), (333, 3072, 9216)]
 
 
 def rel(a, b):
@@ -41,17 +42,20 @@ def test_act_quant_fp8_one_pass_is_per_token_exact():
         assert torch.allclose(s, amax / 448, rtol=1e-6)
         assert (q.float().abs().amax(1, keepdim=True) - 448).abs().max() < 1e-3  # each row's max hits 448
         ref = (x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn)
-        assert torch.equal(q.view(torch.uint8), ref.view(torch.uint8))
+        # the kernel's fp32 division may differ from torch's by an ulp: allow rare 1-step differences
+        diff = (q.view(torch.uint8).int() - ref.view(torch.uint8).int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_w4a16_matches_dequant_reference_and_writes_every_element(m, n, k):
     from comfyui_nvfp4.kernels.triton_kernels import w4a16_gemm
+    from comfyui_nvfp4.kernels.w4a16_layout import split_half_pack
     mod = module(n, k)
     p = mod.parts(DEV)[0]
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)  # poisoned
-    w4a16_gemm(x, p.packed, p.block_scale, p.global_scale, mod.bias.to(DEV), out)
+    w4a16_gemm(x, split_half_pack(p.packed), p.block_scale, p.global_scale, mod.bias.to(DEV), out)
     assert torch.isfinite(out).all()
     assert rel(out, reference(mod.to(DEV), x)) < 1e-2
 
@@ -63,19 +67,26 @@ def test_backend_on_module(backend, parts):
     ok, why = b.capability(DEV)
     if not ok:
         pytest.skip(why)
-    for m, n, k in [(1, 3072, 3072), (77, 384, 128), (1024, 1152, 1024)]:
+    for m, n, k in [(1, 3072, 3072), (3, 384, 256), (77, 384, 128), (1024, 1152, 1024), (9, 64, 80)]:
         mod = module(n, k, parts=parts)
         if b.prepares:
             mod.set_prepared(backend, b.prepare(mod))
         mod.to(DEV)
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         y = b.run(mod, x)
-        assert mod.last_path == backend and y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+        if backend == "fp8":
+            expected = "fp8-gemv" if m <= 4 else "fp8"
+        else:
+            expected = "w4a16" if k % 128 == 0 else "dequant"  # the kernel needs K % 128 == 0
+        assert mod.last_path == expected
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
         ref = reference(mod, x)
         err = rel(y, ref)
         emu = rel(EMULATE.run(mod, x.float()), ref)
-        if backend == "fp8":
+        if mod.last_path == "fp8":
             assert err < 0.04 and err < emu / 2, (err, emu)
+        elif mod.last_path == "fp8-gemv":  # FP8 weights, bf16 activations
+            assert err < 0.03, err
         else:
             assert err < 1e-2, err
 
@@ -85,5 +96,6 @@ def test_fp8_prepare_is_exact_per_channel():
     mod = module(256, 512, parts=2)
     q, s = fp8_weight(mod.parts(DEV), DEV)
     w = mod.canonical().dequantize(torch.float32, DEV)
-    assert torch.allclose(s, w.abs().amax(1) / 448)
-    assert rel(q.float() * s[:, None], w) < 0.03
+    base = w.abs().amax(1) / 448
+    assert ((s <= base * 1.000001) & (s >= base * 0.5)).all()  # a candidate between amax/448 and half of it
+    assert rel(q.float() * s[:, None], w) < 0.027

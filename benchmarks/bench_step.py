@@ -1,0 +1,177 @@
+"""One FLUX.1-dev-sized DiT step in ComfyUI's own Flux model (random weights, 1024x1024, batch 1).
+
+Compares the same weights as: plain bf16 Linear (ComfyUI's ops), and our NVFP4 module with the
+`dequant` (what ComfyUI core does on non-Blackwell GPUs), `fp8` and `w4a16` backends. Reports
+median step time, resident linear-weight bytes, peak VRAM during the step, and the time to
+prepare every layer for fp8 (the CPU -> GPU -> CPU path the node uses).
+Needs ComfyUI importable: --comfyui PATH (a checkout, or the trimmed copy the device run carries).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from _bootstrap import ensure_package  # noqa: E402
+
+ensure_package()
+from comfyui_nvfp4.kernels import registry  # noqa: E402
+from comfyui_nvfp4.kernels.module import ACTIVE_BACKEND, NVFP4LinearModule  # noqa: E402
+from comfyui_nvfp4.quant import names  # noqa: E402
+from comfyui_nvfp4.quant.layers import DenseLinear, NVFP4Linear  # noqa: E402
+from comfyui_nvfp4.quant.nvfp4 import NVFP4Weight  # noqa: E402
+
+DIMS = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+            mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000,
+            patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+
+
+def random_nvfp4(n, k, dev, g):
+    packed = torch.randint(0, 256, (n, k // 2), device=dev, dtype=torch.uint8, generator=g)
+    # e4m3 block scales around 1.0 and weight_scale_2 so that |w| ~ 1/sqrt(k)
+    scale = (torch.rand(n, k // 16, device=dev, generator=g) * 1.5 + 0.5).to(torch.float8_e4m3fn)
+    # random codes have mean |e2m1| ~2.4 and scales ~1.25: weight_scale_2 makes |w| ~ 0.3/sqrt(k)
+    return NVFP4Weight(packed, scale, torch.tensor(0.1 / math.sqrt(k), device=dev))
+
+
+def build(comfy_ops, quantized: bool, dev):
+    import comfy.ldm.flux.model as fm
+
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    class Linear(NVFP4LinearModule):
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            super().__init__(in_features, out_features, bias)
+            b = (torch.randn(out_features, device=dev, generator=g) * 0.01).to(torch.bfloat16) if bias else None
+            if quantized:
+                self.set_layer(NVFP4Linear([random_nvfp4(out_features, in_features, dev, g)], b))
+            else:
+                self.set_layer(DenseLinear((torch.randn(out_features, in_features, device=dev, generator=g)
+                                            / math.sqrt(in_features)).to(torch.bfloat16), b))
+
+    class Ops(comfy_ops.manual_cast):
+        pass
+
+    Ops.Linear = Linear
+    model = fm.Flux(image_model="flux", dtype=torch.bfloat16, device=dev, operations=Ops, **DIMS)
+    for n, m in model.named_modules():
+        if isinstance(m, Linear):
+            m.layer_name = n
+            if names.is_excluded(n, None, names.DEFAULT_EXCLUDE) and m.format == "nvfp4":
+                m.set_layer(DenseLinear(m.canonical().dequantize(torch.bfloat16), m._parameters.get("bias")))
+    return model.to(dev).eval()
+
+
+def dense_copy(qmodel):
+    """The same model with every NVFP4 linear replaced by its dequantized bf16 weights."""
+    import copy
+    d = copy.deepcopy(qmodel)
+    for m in d.modules():
+        if isinstance(m, NVFP4LinearModule) and m.format == "nvfp4":
+            m.set_layer(DenseLinear(m.canonical().dequantize(torch.bfloat16), m._parameters.get("bias")))
+    return d
+
+
+def weight_bytes(model):
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if n.rsplit(".", 1)[-1].startswith(("packed", "scale", "weight", "prep_")))
+
+
+def step_inputs(dev):
+    g = torch.Generator(device=dev).manual_seed(1)
+    return dict(x=torch.randn(1, 16, 128, 128, device=dev, generator=g, dtype=torch.bfloat16),
+                timestep=torch.tensor([0.5], device=dev, dtype=torch.float32),
+                context=torch.randn(1, 512, 4096, device=dev, generator=g, dtype=torch.bfloat16),
+                y=torch.randn(1, 768, device=dev, generator=g, dtype=torch.bfloat16),
+                guidance=torch.tensor([3.5], device=dev, dtype=torch.float32))
+
+
+def time_step(model, inputs, backend=None, reps=5):
+    token = ACTIVE_BACKEND.set(backend) if backend else None
+    try:
+        with torch.inference_mode():
+            out = model(**inputs)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            times = []
+            for _ in range(reps):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                out = model(**inputs)
+                e.record()
+                torch.cuda.synchronize()
+                times.append(s.elapsed_time(e))
+            peak_extra = torch.cuda.max_memory_allocated() - base
+        return sorted(times)[len(times) // 2], peak_extra, out
+    finally:
+        if token is not None:
+            ACTIVE_BACKEND.reset(token)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfyui", required=True)
+    a = ap.parse_args()
+    sys.path.insert(0, a.comfyui)
+    import comfy.ops
+
+    dev = torch.device("cuda")
+    q = build(comfy.ops, True, dev)
+    modules = [m for m in q.modules() if isinstance(m, NVFP4LinearModule) and m.format == "nvfp4"]
+    nparams = sum(m.in_features * m.out_features for m in modules)
+    # Preparation as the node does it: from CPU originals, on the GPU, back to CPU parameters.
+    q.cpu()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fp8 = registry.get("fp8")
+    for m in modules:
+        m.set_prepared("fp8", fp8.prepare(m))
+    torch.cuda.synchronize()
+    prep_s = time.perf_counter() - t0
+    q.to(dev)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for m in modules:  # the conversion alone, weights already on the GPU
+        fp8.prepare(m)
+    torch.cuda.synchronize()
+    prep_gpu_s = time.perf_counter() - t0
+    d = dense_copy(q)
+    for m in d.modules():
+        if isinstance(m, NVFP4LinearModule):
+            m.drop_prepared()
+    inputs = step_inputs(dev)
+    rows = []
+    t_bf16, peak_bf16, ref = time_step(d, inputs)
+    rows.append(("bf16 (dequantized weights)", t_bf16, weight_bytes(d), peak_bf16, 0.0))
+    del d
+    torch.cuda.empty_cache()
+    fp8_bytes = weight_bytes(q)
+    q_nofp8_bytes = fp8_bytes - sum(p.numel() * p.element_size() for m in modules for n, p in m.named_parameters()
+                                    if n.startswith("prep_"))
+    for backend in ("dequant", "w4a16", "fp8"):
+        t, peak, out = time_step(q, inputs, backend)
+        assert torch.isfinite(ref).all() and torch.isfinite(out).all(), backend
+        err = float((out.float() - ref.float()).norm() / ref.float().norm())
+        wb = q_nofp8_bytes if backend != "fp8" else fp8_bytes - sum(
+            (m.packed_0.numel() + m.scale_0.numel()) for m in modules)
+        rows.append((backend, t, wb, peak, err))
+    print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
+          f"{__import__('triton').__version__}; FLUX.1-dev dims, 1024x1024 (4096 image + 512 text tokens)")
+    print(f"NVFP4 linears: {len(modules)} layers, {nparams / 1e9:.2f} B weights; fp8 preparation of all of "
+          f"them (CPU -> GPU -> pinned CPU, as the node does): {prep_s:.2f} s; from weights already on the GPU: "
+          f"{prep_gpu_s:.2f} s")
+    print("| path | step ms | x bf16 | x dequant | linear weight GiB | peak extra VRAM in step GiB | rel err vs bf16 |")
+    print("|---|---|---|---|---|---|---|")
+    t_deq = rows[1][1]
+    for name, t, wb, peak, err in rows:
+        print(f"| {name} | {t:.1f} | {t_bf16 / t:.2f} | {t_deq / t:.2f} | {wb / 2**30:.2f} | {peak / 2**30:.2f} | {err:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
