@@ -36,7 +36,7 @@ def random_nvfp4(n, k, dev, g):
     # e4m3 block scales around 1.0 and weight_scale_2 so that |w| ~ 1/sqrt(k)
     scale = (torch.rand(n, k // 16, device=dev, generator=g) * 1.5 + 0.5).to(torch.float8_e4m3fn)
     # random codes have mean |e2m1| ~2.4 and scales ~1.25: weight_scale_2 makes |w| ~ 0.3/sqrt(k)
-    return NVFP4Weight(packed, scale, torch.tensor(0.1 / math.sqrt(k), device=dev))
+    return NVFP4Weight(packed, scale, torch.tensor(0.02 / math.sqrt(k), device=dev))
 
 
 def build(comfy_ops, quantized: bool, dev):
@@ -52,7 +52,7 @@ def build(comfy_ops, quantized: bool, dev):
                 self.set_layer(NVFP4Linear([random_nvfp4(out_features, in_features, dev, g)], b))
             else:
                 self.set_layer(DenseLinear((torch.randn(out_features, in_features, device=dev, generator=g)
-                                            / math.sqrt(in_features)).to(torch.bfloat16), b))
+                                            * 0.05 / math.sqrt(in_features)).to(torch.bfloat16), b))
 
     class Ops(comfy_ops.manual_cast):
         pass
@@ -117,6 +117,7 @@ def time_step(model, inputs, backend=None, reps=5):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", required=True)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one fp8 step")
     a = ap.parse_args()
     sys.path.insert(0, a.comfyui)
     import comfy.ops
@@ -174,6 +175,14 @@ def main():
         wb = dense + {"dequant": canon, "w4a16": prepped["w4a16"] + canon - sum(m.packed_0.numel() for m in modules),
                       "fp8": prepped["fp8"]}[backend]
         rows.append((backend, t, wb, peak, err))
+    if "--profile" in sys.argv:
+        from torch.profiler import ProfilerActivity, profile
+        tok = ACTIVE_BACKEND.set("fp8")
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            q(**inputs)
+            torch.cuda.synchronize()
+        ACTIVE_BACKEND.reset(tok)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{__import__('triton').__version__}; FLUX.1-dev dims, 1024x1024 (4096 image + 512 text tokens)")
     print(f"NVFP4 linears: {len(modules)} layers, {nparams / 1e9:.2f} B weights; fp8 preparation of all of "
