@@ -34,6 +34,7 @@ class NVFP4LinearModule(torch.nn.Module):
         self.n_parts = 0
         self.layer_name = ""
         self.backend = "dequant"
+        self.auto_choice: str | None = None  # this layer's backend under `auto` (set by the autotuner)
         self.last_path: str | None = None
         self.compute_dtype = dtype
 
@@ -123,6 +124,11 @@ class NVFP4LinearModule(torch.nn.Module):
             self.last_path = "bf16"
             return torch.nn.functional.linear(x, w, None if b is None else b.to(x.dtype))
         name = ACTIVE_BACKEND.get() or self.backend
+        if name == registry.AUTO:
+            name = self.auto_choice
+            if name is None:
+                raise RuntimeError(f"{self.layer_name}: 'auto' has not chosen a backend for this layer "
+                                   f"(run the model through the NVFP4 GEMM Backend node)")
         backend = registry.get(name)
         y = backend.run(self, x)
         return y

@@ -6,8 +6,9 @@ import time
 
 import comfy.model_management
 import comfy.patcher_extension
+import comfy.utils
 
-from ..kernels import registry
+from ..kernels import autotune, env_override, preparation, registry
 from ..kernels.module import ACTIVE_BACKEND, NVFP4LinearModule
 from . import path_report
 
@@ -20,28 +21,50 @@ def nvfp4_modules(patcher) -> list[NVFP4LinearModule]:
     return path_report.linear_modules(patcher.model.diffusion_model)
 
 
-def prepare(patcher, backend: registry.Backend) -> dict:
-    """Make the backend's weight layouts (once per backend per model) and free other backends'.
+def compute_dtype(patcher):
+    m = patcher.model
+    return getattr(m, "manual_cast_dtype", None) or m.get_dtype()
 
-    Layouts are made from the CPU originals, so a model still loaded on the GPU is unloaded first.
-    """
+
+def select(patcher, choice: str, device):
+    """(name active during sampling, module -> Backend, text about the choice). Raises at selection
+    time, never mid-sampling, when the choice cannot run here."""
+    override = env_override.read(registry.names())
+    note = ""
+    if override is not None and override != choice:
+        note = f" ({env_override.ENV_VAR}={override} overrides the node's '{choice}')"
+        log.info("NVFP4:%s", note)
+        choice = override
+    if choice != registry.AUTO:
+        backend = registry.resolve(choice, device)
+        check = getattr(backend, "check_dtype", None)
+        if check is not None:
+            check(compute_dtype(patcher))
+        return backend.name, (lambda m: backend), f"{backend.name}{note}"
+    modules = [m for m in nvfp4_modules(patcher) if m.format == "nvfp4"]
+    table = autotune.choose({(m.out_features, m.in_features) for m in modules}, device)
+    for m in modules:
+        m.auto_choice = table[(m.out_features, m.in_features)]["winner"]
+    return registry.AUTO, (lambda m: registry.get(m.auto_choice)), f"auto{note}:\n" + autotune.format_table(table)
+
+
+def prepare(patcher, backend_for, device) -> dict:
+    """Make the chosen layouts (once per backend per model) and free the others. Layouts are made
+    from the CPU originals, so a model still loaded on the GPU is unloaded first."""
     modules = nvfp4_modules(patcher)
-    needs = [m for m in modules if m.format == "nvfp4" and backend.name not in m.prepared_backends()
-             and backend.prepares]
-    stale = [m for m in modules if m.prepared_backends() - {backend.name}]
-    info = {"prepared_layers": 0, "freed_bytes": 0, "seconds": 0.0}
+    needs = any(backend_for(m).prepares and backend_for(m).name not in m.prepared_backends()
+                for m in modules if m.format == "nvfp4")
+    stale = any(m.prepared_backends() - {backend_for(m).name} for m in modules if m.format == "nvfp4")
     if not needs and not stale:
-        return info
-    t0 = time.perf_counter()
+        return {"prepared_layers": 0, "freed_bytes": 0, "seconds": 0.0, "self_check_seconds": 0.0,
+                "self_check_min_cosine": None}
     comfy.model_management.unload_model_and_clones(patcher)
-    for m in stale:
-        info["freed_bytes"] += m.drop_prepared(keep=backend.name)
-    for m in needs:
-        m.set_prepared(backend.name, backend.prepare(m))
-        info["prepared_layers"] += 1
-    info["seconds"] = time.perf_counter() - t0
-    log.info("NVFP4: prepared %d layers for %s in %.2f s, freed %d bytes of other layouts",
-             info["prepared_layers"], backend.name, info["seconds"], info["freed_bytes"])
+    bar = comfy.utils.ProgressBar(1)
+    info = preparation.prepare_modules(modules, backend_for, device,
+                                       progress=lambda i, n: bar.update_absolute(i, n))
+    log.info("NVFP4: prepared %d layers in %.2f s (self-check %.2f s, min cosine %s), freed %d bytes",
+             info["prepared_layers"], info["seconds"], info["self_check_seconds"], info["self_check_min_cosine"],
+             info["freed_bytes"])
     return info
 
 
@@ -72,15 +95,18 @@ def apply_backend(patcher, choice: str, node_id: str | None = None):
     if not nvfp4_modules(patcher):
         raise ValueError("this MODEL has no NVFP4 layers: connect it to 'Load NVFP4 Diffusion Model'")
     device = comfy.model_management.get_torch_device()
-    backend = registry.resolve(choice, device)
-    info = prepare(patcher, backend)
+    active, backend_for, chosen = select(patcher, choice, device)
+    info = prepare(patcher, backend_for, device)
     model = patcher.clone()
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                               make_wrapper(backend.name, node_id))
+                               make_wrapper(active, node_id))
     formats = path_report.format_counts(patcher.model.diffusion_model)
-    text = (f"{choice} -> {backend.name} on {registry.describe_device(device)}; layers: "
+    text = (f"{choice} -> {chosen}\non {registry.describe_device(device)}; layers: "
             + path_report.summary_text(formats))
     if info["prepared_layers"]:
-        text += f"; prepared {info['prepared_layers']} layers in {info['seconds']:.2f} s"
-    return model, backend, text
+        cos = info["self_check_min_cosine"]
+        text += (f"\nprepared {info['prepared_layers']} layers in {info['seconds']:.2f} s"
+                 + (f" (self-check {info['self_check_seconds']:.2f} s, worst cosine {cos:.4f})" if cos is not None
+                    else " (self-check off)"))
+    return model, active, text

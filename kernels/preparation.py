@@ -1,0 +1,78 @@
+"""Preparing layers for a backend, and the self-check that catches silent wrong layouts.
+
+Every prepared layer runs once on a small random input against the dequant reference; a
+cosine similarity under SELF_CHECK_MIN_COSINE refuses the preparation with an error naming
+the layer and the backend (the class of all-zeros and noise bugs peers shipped). Set
+NVFP4_SELF_CHECK=0 to skip it; its cost is reported either way.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from . import registry
+from .portable import DEQUANT
+
+SELF_CHECK_MIN_COSINE = 0.95
+SELF_CHECK_ROWS = 8
+
+
+class SelfCheckError(RuntimeError):
+    pass
+
+
+def self_check_enabled() -> bool:
+    return os.environ.get("NVFP4_SELF_CHECK", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def check_layer(module, backend: registry.Backend, device: torch.device, dtype=torch.bfloat16) -> float:
+    """Cosine similarity of the backend's output and dequant's on one random input."""
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    x = torch.randn(SELF_CHECK_ROWS, module.in_features, generator=g).to(device=device, dtype=dtype)
+    path = module.last_path
+    try:
+        y = backend.run(module, x).float().flatten()
+        ref = DEQUANT.run(module, x).float().flatten()
+    finally:
+        module.last_path = path
+    if not torch.isfinite(y).all():
+        return float("nan")
+    return float(torch.nn.functional.cosine_similarity(y, ref, dim=0))
+
+
+def prepare_modules(modules, backend, device: torch.device, *, self_check: bool | None = None,
+                    progress=None) -> dict:
+    """Prepare every NVFP4 module for its backend (once) and drop other backends' layouts.
+
+    `backend` is a Backend, or a function module -> Backend (per-layer choices of `auto`)."""
+    choose = backend if callable(backend) and not isinstance(backend, registry.Backend) else (lambda m: backend)
+    self_check = self_check_enabled() if self_check is None else self_check
+    info = {"prepared_layers": 0, "freed_bytes": 0, "seconds": 0.0, "self_check_seconds": 0.0,
+            "self_check_min_cosine": None}
+    t0 = time.perf_counter()
+    todo = [m for m in modules if m.format == "nvfp4"]
+    for i, m in enumerate(todo):
+        backend = choose(m)
+        info["freed_bytes"] += m.drop_prepared(keep=backend.name)
+        if backend.prepares and backend.name not in m.prepared_backends():
+            m.set_prepared(backend.name, backend.prepare(m))
+            info["prepared_layers"] += 1
+            if self_check:
+                t1 = time.perf_counter()
+                cos = check_layer(m, backend, device)
+                info["self_check_seconds"] += time.perf_counter() - t1
+                worst = info["self_check_min_cosine"]
+                info["self_check_min_cosine"] = cos if worst is None else min(worst, cos)
+                if not cos >= SELF_CHECK_MIN_COSINE:
+                    m.drop_prepared()
+                    raise SelfCheckError(
+                        f"NVFP4 self-check failed: layer {m.layer_name} on backend '{backend.name}' gives "
+                        f"cosine {cos:.4f} against the dequantized reference (need >= {SELF_CHECK_MIN_COSINE}). "
+                        f"Its weights would produce a wrong image; pick another backend, and please report this "
+                        f"with the GPU, driver and FlashInfer versions.")
+        if progress:
+            progress(i + 1, len(todo))
+    info["seconds"] = time.perf_counter() - t0
+    return info

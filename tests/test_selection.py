@@ -1,0 +1,139 @@
+"""Backend selection logic: env override, auto by measurement with a disk cache, self-check."""
+import json
+import logging
+
+import pytest
+import torch
+
+from comfyui_nvfp4.kernels import autotune, blackwell, env_override, preparation, registry
+from comfyui_nvfp4.kernels.blackwell_layout import prepare_weight
+from comfyui_nvfp4.kernels.module import ACTIVE_BACKEND, NVFP4LinearModule
+from comfyui_nvfp4.quant import nvfp4
+from comfyui_nvfp4.quant.layers import NVFP4Linear
+from readback import ReadbackOps
+
+CPU = torch.device("cpu")
+
+
+def mod(n=64, k=64, seed=0, name="layer"):
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.exp(torch.randn(n, k // 16, 1, generator=g) * 1.5).expand(n, k // 16, 16).reshape(n, k)
+    m = NVFP4LinearModule(k, n, bias=True)
+    m.layer_name = name
+    m.set_layer(NVFP4Linear([nvfp4.quantize(torch.randn(n, k, generator=g) * spread)],
+                            torch.zeros(n, dtype=torch.bfloat16)))
+    return m
+
+
+@pytest.mark.parametrize("value,expected", [("CUTLASS", "cutlass"), ("flashinfer_trtllm", "trtllm"),
+                                            ("FlashInfer_cuDNN", "cudnn"), (" auto ", "auto"), ("", None)])
+def test_env_override_values(monkeypatch, value, expected):
+    monkeypatch.setenv(env_override.ENV_VAR, value)
+    assert env_override.read(registry.names()) == expected
+
+
+def test_env_override_unknown_value_warns_and_is_ignored(monkeypatch, caplog):
+    monkeypatch.setenv(env_override.ENV_VAR, "tensorrt-magic")
+    with caplog.at_level(logging.WARNING, logger="comfyui_nvfp4"):
+        assert env_override.read(registry.names()) is None
+    assert "tensorrt-magic" in caplog.text and "ignoring" in caplog.text
+
+
+def test_env_override_change_clears_auto_decisions(monkeypatch, tmp_path):
+    monkeypatch.setenv("NVFP4_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def measure(n, k, backends, device):
+        calls.append((n, k))
+        return {b.name: float(i + 1) for i, b in enumerate(backends)}
+
+    cands = [registry.get("dequant"), registry.get("emulate")]
+    monkeypatch.setenv(env_override.ENV_VAR, "auto")
+    env_override.read(registry.names())
+    autotune.choose({(64, 64)}, CPU, cands, measure)
+    assert autotune._memory
+    monkeypatch.setenv(env_override.ENV_VAR, "dequant")
+    env_override.read(registry.names())
+    assert not autotune._memory  # in-memory decisions dropped when the override changed
+
+
+def test_autotune_measures_real_backends_then_reuses_disk_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("NVFP4_CACHE_DIR", str(tmp_path))
+    autotune.clear_memory()
+    cands = [registry.get("dequant"), registry.get("emulate")]  # both really run on the CPU
+    timed = []
+
+    def measure(n, k, backends, device):
+        timed.append((n, k))
+        return autotune.measure_shape(n, k, backends, device, token_counts=(1, 8))
+
+    r = autotune.choose({(64, 64), (128, 64)}, CPU, cands, measure)
+    assert sorted(timed) == [(64, 64), (128, 64)]
+    for v in r.values():
+        assert v["source"] == "measured" and v["winner"] == min(v["ms"], key=v["ms"].get)
+        assert set(v["ms"]) == {"dequant", "emulate"}
+    disk = json.loads((tmp_path / "autotune.json").read_text())
+    (key,) = disk
+    assert key.startswith("cpu|torch ") and "flashinfer" in key and key.endswith("dequant,emulate")
+    autotune.clear_memory()  # a new process: decisions come back from disk, nothing is timed
+    r2 = autotune.choose({(64, 64), (128, 64)}, CPU, cands, measure)
+    assert len(timed) == 2 and all(v["source"] == "cache" for v in r2.values())
+    assert {k: v["winner"] for k, v in r2.items()} == {k: v["winner"] for k, v in r.items()}
+    assert "64x64:" in autotune.format_table(r2)
+
+
+def test_auto_on_cpu_is_dequant_without_timing(monkeypatch, tmp_path):
+    monkeypatch.setenv("NVFP4_CACHE_DIR", str(tmp_path))
+    r = autotune.choose({(64, 64)}, CPU, measure=lambda *a: pytest.fail("nothing to time"))
+    assert r[(64, 64)] == {"winner": "dequant", "ms": {}, "source": "only"}
+
+
+def test_module_auto_dispatch_uses_its_own_choice():
+    m = mod()
+    x = torch.randn(3, 64)
+    token = ACTIVE_BACKEND.set("auto")
+    try:
+        with pytest.raises(RuntimeError, match="has not chosen"):
+            m(x)
+        m.auto_choice = "emulate"
+        m(x)
+        assert m.last_path == "emulate"
+    finally:
+        ACTIVE_BACKEND.reset(token)
+
+
+def test_preparation_self_check_passes_good_layouts_and_reports_cost():
+    mods = [mod(seed=i, name=f"l{i}") for i in range(3)]
+    with blackwell.use_ops(ReadbackOps(check_with_flashinfer=False)):
+        info = preparation.prepare_modules(mods, registry.get("cutlass"), CPU, self_check=True)
+    assert info["prepared_layers"] == 3 and info["self_check_min_cosine"] > 0.98
+    assert info["self_check_seconds"] > 0
+    assert all(m.prepared_backends() == {"cutlass"} for m in mods)
+    # switching backend frees the old layouts and makes the new ones once
+    with blackwell.use_ops(ReadbackOps(check_with_flashinfer=False)):
+        info2 = preparation.prepare_modules(mods, registry.get("trtllm"), CPU, self_check=True)
+    assert info2["freed_bytes"] > 0 and all(m.prepared_backends() == {"trtllm"} for m in mods)
+    with blackwell.use_ops(ReadbackOps(check_with_flashinfer=False)):
+        again = preparation.prepare_modules(mods, registry.get("trtllm"), CPU, self_check=True)
+    assert again["prepared_layers"] == 0 and again["freed_bytes"] == 0
+
+
+def test_self_check_refuses_a_wrong_layout_naming_layer_and_backend(monkeypatch):
+    """A backend whose preparation is wrong (the trtllm shuffle given to cutlass) is caught."""
+    m = mod(n=128, seed=7, name="double_blocks.3.img_attn.qkv")
+    bad = blackwell.MMFP4Backend("cutlass", 0)
+    monkeypatch.setattr(bad, "prepare", lambda module: {k[0] + "0": v for k, v in prepare_weight(
+        "trtllm", module.packed_0.data, module.scale_0.data).items()})
+    with blackwell.use_ops(ReadbackOps(check_with_flashinfer=False)):
+        with pytest.raises(preparation.SelfCheckError) as e:
+            preparation.prepare_modules([m], bad, CPU, self_check=True)
+    assert "double_blocks.3.img_attn.qkv" in str(e.value) and "'cutlass'" in str(e.value)
+    assert m.prepared_backends() == set()  # nothing half-prepared stays behind
+
+
+def test_self_check_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("NVFP4_SELF_CHECK", "0")
+    m = mod()
+    with blackwell.use_ops(ReadbackOps(check_with_flashinfer=False)):
+        info = preparation.prepare_modules([m], registry.get("cudnn"), CPU)
+    assert info["self_check_min_cosine"] is None and info["prepared_layers"] == 1
