@@ -75,15 +75,19 @@ class ReadbackOps:
                 self.check = None
 
     def fp4_quantize(self, x: torch.Tensor, global_sf: torch.Tensor):
-        xf = x.float().numpy().astype(np.float64)
-        g = float(global_sf.reshape(-1)[0])
+        """FlashInfer's documented recipe (cvt_warp_fp16_to_fp4), in numpy float32."""
+        f32 = np.float32
+        xf = x.float().numpy().astype(f32)
+        g = f32(global_sf.reshape(-1)[0])
         m, k = xf.shape
         blocks = xf.reshape(m, k // 16, 16)
-        sf = torch.tensor(np.abs(blocks).max(-1) / 6.0 * g, dtype=torch.float32).clamp(max=448)
-        sf = sf.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-        sf_val = e4m3_to_float(sf)[..., None]
-        q = np.where(sf_val > 0, blocks * g / np.where(sf_val > 0, sf_val, 1), 0).reshape(m, k)
-        codes = encode_nearest_even(q)
+        sf_f = (g * (np.abs(blocks).max(-1) * (f32(1) / f32(6)))).astype(f32)
+        sf = torch.from_numpy(np.minimum(sf_f, f32(448))).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        sf_val = e4m3_to_float(sf).astype(f32)
+        with np.errstate(divide="ignore"):
+            out_scale = np.where(sf_val != 0, f32(1) / (sf_val * (f32(1) / g)), f32(0)).astype(f32)
+        q = (blocks * out_scale[..., None]).astype(f32).reshape(m, k)
+        codes = encode_nearest_even(q.astype(np.float64))
         packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
         return torch.from_numpy(packed), torch.from_numpy(write_swizzled(sf, m, k // 16)).view(torch.float8_e4m3fn)
 

@@ -106,7 +106,7 @@ def test_backend_gemm_through_readback_equals_emulate(backend, m, n, k):
     assert mod.last_path == backend and y.shape == (m, n) and y.dtype == torch.bfloat16
     assert rel(y, expected_output(mod, ops)) < 5e-3  # the bf16 rounding of the output, nothing else
     # and the whole path agrees with the portable emulation of Blackwell numerics
-    assert rel(y, EMULATE.run(mod, x.float())) < 5e-2  # rare rounding ties differ
+    assert rel(y, EMULATE.run(mod, x.float())) < 1e-2  # same recipe; bf16 output rounding
     call = ops.calls[0]
     np_, kp = padded_dims(backend, n, k)
     assert call["b"] == (kp // 2, np_) and call["b_strides"] == (1, kp // 2) and call["backend"] == backend
@@ -123,12 +123,12 @@ def test_multi_part_layer_and_dynamic_input_scale(backend):
     assert len(ops.calls) == 2  # one GEMM per exact part
     assert ops.calls[0]["alpha_value"] != ops.calls[1]["alpha_value"]
     assert rel(y, expected_output(mod, ops)) < 5e-3
-    assert rel(y, EMULATE.run(mod, x.float())) < 5e-2  # rare rounding ties differ
+    assert rel(y, EMULATE.run(mod, x.float())) < 1e-2  # same recipe; bf16 output rounding
 
 
 def test_activation_quantizer_matches_flashinfer_recipe():
-    """Our portable activation quantizer (emulate) and the read-back of fp4_quantize's recipe
-    agree except for rare e4m3/e2m1 rounding ties."""
+    """Our portable activation quantizer (emulate) and the read-back's own numpy version of
+    fp4_quantize's recipe agree (the GPU's approximate reciprocals may still flip rare ties)."""
     from comfyui_nvfp4.kernels.act_quant import fake_quantize
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(8)) * 3
     in_scale = torch.tensor(10.0 / 2688)
@@ -137,8 +137,8 @@ def test_activation_quantizer_matches_flashinfer_recipe():
     a_deq = torch.from_numpy(dequant_packed(a.numpy(), read_swizzled(sf, 64, 16))) * in_scale.double()
     ours = fake_quantize(x, in_scale).double()
     same = torch.isclose(a_deq, ours, rtol=1e-6, atol=0)
-    assert same.float().mean() > 0.99
-    assert rel(ours, a_deq) < 1e-2
+    assert same.float().mean() > 0.999
+    assert rel(ours, a_deq) < 1e-3
 
 
 def test_peer_bugs_are_visible_to_the_readback():
