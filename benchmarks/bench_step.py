@@ -118,6 +118,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", required=True)
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one fp8 step")
+    ap.add_argument("--backends", default="dequant,w4a16,fp8",
+                    help="Hopper: dequant,w4a16,fp8; Blackwell: dequant,cudnn,cutlass,trtllm")
     a = ap.parse_args()
     sys.path.insert(0, a.comfyui)
     import comfy.ops
@@ -135,9 +137,11 @@ def main():
         m.set_prepared("fp8", fp8.prepare(m))
     torch.cuda.synchronize()
     prep_s = time.perf_counter() - t0
-    w4 = registry.get("w4a16")
-    for m in modules:
-        m.set_prepared("w4a16", w4.prepare(m))
+    for extra in a.backends.split(","):
+        b = registry.get(extra)
+        if b.prepares and extra != "fp8":
+            for m in modules:
+                m.set_prepared(extra, b.prepare(m))
     q.to(dev)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -158,7 +162,7 @@ def main():
     fp8_bytes = weight_bytes(q)
     q_nofp8_bytes = fp8_bytes - sum(p.numel() * p.element_size() for m in modules for n, p in m.named_parameters()
                                     if n.startswith("prep_"))
-    for backend in ("dequant", "w4a16", "fp8"):
+    for backend in a.backends.split(","):
         for m in modules:
             m.last_path = None
         t, peak, out = time_step(q, inputs, backend)
@@ -169,11 +173,12 @@ def main():
                   f"{bool(torch.isfinite(out).all())}; max |ref| {ref.float().abs().nan_to_num().max():.3g}")
         err = float((out.float() - ref.float()).norm() / ref.float().norm())
         canon = sum(m.packed_0.numel() + m.scale_0.numel() for m in modules)
-        prepped = {b: sum(p.numel() * p.element_size() for m in modules for n, p in m.named_parameters()
-                          if n.startswith(f"prep_{b}_")) for b in ("fp8", "w4a16")}
+        prepped = sum(p.numel() * p.element_size() for m in modules for n, p in m.named_parameters()
+                      if n.startswith(f"prep_{backend}_"))
         dense = q_nofp8_bytes - canon
-        wb = dense + {"dequant": canon, "w4a16": prepped["w4a16"] + canon - sum(m.packed_0.numel() for m in modules),
-                      "fp8": prepped["fp8"]}[backend]
+        # bytes the path reads: w4a16 replaces the packed codes (same size), keeps the scales
+        wb = dense + (canon if backend == "dequant" else
+                      prepped + canon - sum(m.packed_0.numel() for m in modules) if backend == "w4a16" else prepped)
         rows.append((backend, t, wb, peak, err))
     if "--profile" in sys.argv:
         from torch.profiler import ProfilerActivity, profile

@@ -129,3 +129,27 @@ def test_stock_comfyui_loads_our_comfy_files_correctly(server, arch):
                                      prefix=f"conv_ref_{arch}"))
     limit = 5e-2 if arch == "flux1" else 1e-2  # FLUX.1 proj_mlp scales rescaled (measured, documented)
     assert rel(latent_of(server, conv), latent_of(server, mo_ref)) <= limit
+
+
+def test_example_workflows_are_templates_and_valid(server):
+    import json
+    from pathlib import Path
+
+    listed = server.get("/workflow_templates")
+    ours = set(listed.get("comfyui_nvfp4", []))
+    assert {"flux1_nvfp4_text_to_image", "flux2_nvfp4_text_to_image"} <= ours
+    info = server.get("/object_info")
+    for name in ours:
+        wf = server.get(f"/api/workflow_templates/comfyui_nvfp4/{name}.json")
+        assert wf == json.loads((Path(__file__).resolve().parents[2] / "example_workflows" / f"{name}.json").read_text())
+        nodes = {n["id"]: n for n in wf["nodes"]}
+        for n in wf["nodes"]:
+            assert n["type"] in info, n["type"]  # only core nodes and ours
+            spec = info[n["type"]]
+            widgets = [k for k, v in {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}.items()
+                       if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
+            extra = 1 if "control_after_generate" in json.dumps(spec) or n["type"] == "KSampler" else 0
+            assert len(n["widgets_values"]) in (len(widgets), len(widgets) + extra), (n["type"], widgets)
+        for lid, src, sslot, dst, dslot, typ in wf["links"]:
+            assert info[nodes[src]["type"]]["output"][sslot] == typ
+            assert nodes[dst]["inputs"][dslot]["type"] == typ

@@ -1,10 +1,12 @@
-"""Per-GEMM benchmark of the non-Blackwell paths on FLUX.1-dev shapes (run on the device).
+"""Per-GEMM benchmark of any registered backends on FLUX.1-dev shapes, on the current GPU.
 
-For each (M, K, N): bf16 F.linear with bias (the baseline, same run), our `dequant` (what ComfyUI
-core does on these GPUs), `fp8` (activation quantization included) and `w4a16`; median ms
-(triton.testing.do_bench), TFLOP/s, speed ratio to bf16, relative error against the fp32 product
-of the dequantized weight, and the `emulate` (Blackwell W4A4) error for scale.
-Usage: python benchmarks/bench_hopper.py [--json OUT.json]
+For each (M, K, N): bf16 F.linear with bias (the baseline, same run) and each backend (weight
+preparation excluded, activation quantization included): median ms (triton.testing.do_bench,
+each variant timed twice interleaved, the faster median kept), TFLOP/s, speed ratio to bf16 and
+to `dequant` (what ComfyUI core does without FP4 tensor cores), relative error against the fp32
+product of the dequantized weight, and the `emulate` (Blackwell W4A4) error for scale.
+Hopper:    python benchmarks/bench_gemm.py --backends dequant,fp8,w4a16 --fast-accum
+Blackwell: python benchmarks/bench_gemm.py --backends dequant,cudnn,cutlass,trtllm
 """
 from __future__ import annotations
 
@@ -80,6 +82,8 @@ def main():
         ref = x.float() @ mod.canonical().dequantize(torch.float32).t() + bias.float()
         flops = 2 * m * n * k
         fns = {"bf16": lambda: torch.nn.functional.linear(x, w_bf16, bias)}
+        if "dequant" not in names:
+            fns["dequant"] = lambda: registry.get("dequant").run(mod, x)
         for name in names:
             b = registry.get(name)
             fns[name] = (lambda b=b: b.run(mod, x))
@@ -95,23 +99,24 @@ def main():
         base = times["bf16"]
         res = {"shape": [m, k, n], "bf16_ms": base, "emulate_err": rel(EMULATE.run(mod, x.float()), ref),
                "bf16_err": rel(torch.nn.functional.linear(x, w_bf16, bias), ref)}
-        table.append((f"{m},{k},{n}", "bf16", base, flops / base / 1e9, 1.0, res["bf16_err"]))
+        table.append((f"{m},{k},{n}", "bf16", base, flops / base / 1e9, 1.0, times["dequant"] / base,
+                      res["bf16_err"]))
         for label, fn in fns.items():
             if label == "bf16":
                 continue
             ms, err = times[label], rel(fn(), ref)
             res[f"{label}_ms"], res[f"{label}_err"] = ms, err
-            table.append((f"{m},{k},{n}", label, ms, flops / ms / 1e9, base / ms, err))
+            table.append((f"{m},{k},{n}", label, ms, flops / ms / 1e9, base / ms, times["dequant"] / ms, err))
         res["resident_bytes_ratio_w4a16"] = (mod.packed_0.numel() + mod.scale_0.numel()) / (2 * n * k)
         rows.append(res)
         del mod, w_bf16, x, ref
         torch.cuda.empty_cache()
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{__import__('triton').__version__}")
-    print("| shape M,K,N | path | ms | TFLOP/s | x bf16 | rel err |")
-    print("|---|---|---|---|---|---|")
-    for s, p, ms, tf, ratio, err in table:
-        print(f"| {s} | {p} | {ms:.3f} | {tf:.0f} | {ratio:.2f} | {err:.4f} |")
+    print("| shape M,K,N | path | ms | TFLOP/s | x bf16 | x dequant | rel err |")
+    print("|---|---|---|---|---|---|---|")
+    for s, p, ms, tf, ratio, rdq, err in table:
+        print(f"| {s} | {p} | {ms:.3f} | {tf:.0f} | {ratio:.2f} | {rdq:.2f} | {err:.4f} |")
     for name in names + (["fp8-promoting-accum"] if a.fast_accum and "fp8" in names else []):
         big = [r["bf16_ms"] / r[f"{name}_ms"] for r in rows if tuple(r["shape"]) in BIG]
         print(f"{name}: geomean speed vs bf16 over the {len(big)} big FLUX.1-dev shapes: "
