@@ -100,3 +100,22 @@ def test_fp8_prepare_is_exact_per_channel():
     base = w.abs().amax(1) / 448
     assert ((s <= base * 1.000001) & (s >= base * 0.5)).all()  # a candidate between amax/448 and half of it
     assert rel(q.float() * s[:, None], w) < 0.027
+
+
+@pytest.mark.parametrize("backend", ["dequant", "fp8", "w4a16"])
+def test_offloaded_and_moved_modules_still_run(backend):
+    """What ComfyUI's patchers do to a layer: leave it on the CPU (lowvram/novram offload, the
+    input on the GPU), move it to the GPU and back, and load it again for the next prompt."""
+    b = registry.get(backend)
+    mod = module(384, 256, parts=2)
+    if b.prepares:
+        mod.set_prepared(backend, b.prepare(mod))
+    x = torch.randn(64, 256, device=DEV, dtype=torch.bfloat16)
+    y_offloaded = b.run(mod, x)  # parameters on the CPU, fetched per call
+    assert all(p.device.type == "cpu" for p in mod.parameters())
+    mod.to(DEV)
+    y_loaded = b.run(mod, x)
+    mod.to("cpu")
+    mod.to(DEV)
+    y_reloaded = b.run(mod, x)
+    assert torch.equal(y_offloaded, y_loaded) and torch.equal(y_loaded, y_reloaded)
