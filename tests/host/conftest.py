@@ -62,9 +62,17 @@ def base_dir(tmp_path_factory):
     return base
 
 
+def server_args() -> list[str]:
+    """NVFP4_HOST_SERVER_ARGS, else ComfyUI's defaults on a CUDA machine and --cpu elsewhere."""
+    import os
+    if os.environ.get("NVFP4_HOST_SERVER_ARGS") is not None:
+        return os.environ["NVFP4_HOST_SERVER_ARGS"].split()
+    return [] if torch.cuda.is_available() else ["--cpu"]
+
+
 @pytest.fixture(scope="session")
 def server(base_dir):
-    s = ComfyServer(base_dir, ["--cpu"])
+    s = ComfyServer(base_dir, server_args())
     yield s
     s.stop()
 

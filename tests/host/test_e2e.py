@@ -39,7 +39,8 @@ def test_backends_route(server):
     r = server.get("/nvfp4/backends")
     by = {b["name"]: b for b in r["backends"]}
     assert by["dequant"]["available"] and by["emulate"]["available"]
-    assert "CPU" in r["device"]
+    if not torch.cuda.is_available():
+        assert "CPU" in r["device"] and not by["fp8"]["available"] and "CUDA" in by["fp8"]["reason"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -83,12 +84,14 @@ def test_switching_backend_between_prompts(server):
     for r in (a, b, c):
         assert r["status"] == "success", r["errors"]
     la, lb, lc = (latent_of(server, r) for r in (a, b, c))
-    assert torch.equal(la, lc)  # auto on a CPU is dequant, and the model is reused across prompts
     assert rel(lb, la) > 1e-3
     assert "emulate" in server.progress_texts(b["messages"], "2")[-1]
-    assert "dequant" in server.progress_texts(c["messages"], "2")[-1]
-    paths = server.get("/nvfp4/paths")
-    assert paths["2"]["backend"] == "auto" and paths["2"]["paths"]["dequant"] > 0  # auto chose dequant here
+    paths = server.get("/nvfp4/paths")["2"]
+    assert paths["backend"] == "auto"
+    if set(paths["paths"]) <= {"dequant", "bf16"}:
+        assert torch.equal(la, lc)  # auto chose dequant (a CPU), and the loaded model is reused
+    else:  # a GPU: auto picked faster paths per layer; same model, their own rounding
+        assert rel(lc, la) < 0.1 and torch.isfinite(lc).all()
 
 
 def test_malformed_checkpoint_is_a_clear_node_error_and_server_survives(server):
@@ -109,7 +112,7 @@ def test_unavailable_backend_is_a_clear_node_error(server):
     r = server.run(nvfp4_prompt("flux1_comfy.safetensors", missing[0]["name"], prefix="unavail"))
     assert r["status"] == "error"
     msg = r["errors"][0]["exception_message"]
-    assert missing[0]["name"] in msg and "Available here: dequant" in msg and info["device"] in msg
+    assert missing[0]["name"] in msg and "Available here:" in msg and "dequant" in msg and info["device"] in msg
 
 
 @pytest.mark.parametrize("arch", ARCHS)
