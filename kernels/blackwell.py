@@ -54,6 +54,19 @@ _OPS = FlashInferOps()
 
 
 @contextmanager
+def flashinfer_tuning(cache_file, tune: bool):
+    """FlashInfer's own autotuner around mm_fp4 calls: with tune=True it profiles each GEMM's
+    tactics (kernel configs) on first use and saves them to `cache_file`; with tune=False it
+    loads the saved tactics. No-op where FlashInfer is not installed."""
+    if importlib.util.find_spec("flashinfer") is None:
+        yield
+        return
+    import flashinfer
+    with flashinfer.autotune(tune, cache=str(cache_file)):
+        yield
+
+
+@contextmanager
 def use_ops(ops):
     """Swap the FlashInfer entry points (the CPU read-back emulator in the tests uses this)."""
     global _OPS

@@ -137,3 +137,12 @@ def test_self_check_can_be_turned_off(monkeypatch):
     with blackwell.use_ops(ReadbackOps(check_with_flashinfer=False)):
         info = preparation.prepare_modules([m], registry.get("cudnn"), CPU)
     assert info["self_check_min_cosine"] is None and info["prepared_layers"] == 1
+
+
+def test_flashinfer_tuning_context_runs_where_flashinfer_is_installed(tmp_path):
+    """The wrapper around FlashInfer's autotuner enters and leaves on any machine (its profiling
+    itself only happens on Blackwell, inside mm_fp4 calls)."""
+    with blackwell.flashinfer_tuning(tmp_path / "t.json", tune=True):
+        pass
+    with blackwell.flashinfer_tuning(tmp_path / "t.json", tune=False):
+        pass

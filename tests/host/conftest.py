@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_nvfp4.quant import Checkpoint, convert_checkpoint, names, quantize_checkpoint
+from comfyui_nvfp4.quant import Checkpoint, names, quantize_checkpoint
 from comfyui_nvfp4.quant.layers import DenseLinear
 from comfyui_nvfp4.quant.shapes import FluxDims
 from comfyui_nvfp4.quant.synthetic import write_synthetic
@@ -53,8 +53,6 @@ def base_dir(tmp_path_factory):
         write_synthetic(base / f"{arch}_bf16_diffusers", dims, naming=names.DIFFUSERS, seed=3)
         quantize_checkpoint(base / f"{arch}_bf16_diffusers", "modelopt", models / f"{arch}_modelopt",
                             progress=False)
-        convert_checkpoint(models / f"{arch}_modelopt", "comfy", models / f"{arch}_modelopt_converted.safetensors",
-                           progress=False)
         for flavour in ("comfy", "modelopt"):
             src = models / (f"{arch}_{flavour}.safetensors" if flavour == "comfy" else f"{arch}_{flavour}")
             dequantized_reference(src, models / f"{arch}_{flavour}_dequant_ref.safetensors")
