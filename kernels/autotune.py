@@ -120,12 +120,31 @@ def load_flashinfer_tactics() -> None:
             pass
 
 
+def dtype_ok(backend: registry.Backend, dtype) -> bool:
+    try:
+        getattr(backend, "check_dtype", lambda d: None)(dtype)
+        return True
+    except ValueError:
+        return False
+
+
+def auto_candidates(device: torch.device, dtype=None) -> list[registry.Backend]:
+    """What `auto` may pick: available here, not an accuracy tool, and (given the model's compute
+    dtype) able to output it - mm_fp4 writes bf16/fp16 only, trtllm bf16 only - so nothing fails
+    mid-sampling."""
+    out = []
+    for a in registry.availability(device):
+        b = registry.get(a.name)
+        if a.available and b.auto_eligible and (dtype is None or dtype_ok(b, dtype)):
+            out.append(b)
+    return out
+
+
 def choose(shapes: set[tuple[int, int]], device: torch.device, candidates: list[registry.Backend] | None = None,
            measure=measure_shape) -> dict[tuple[int, int], dict]:
     """{(n, k): {"winner": name, "ms": {backend: ms}, "source": "measured"|"cache"|"only"}}."""
     if candidates is None:
-        candidates = [registry.get(a.name) for a in registry.availability(device)
-                      if a.available and registry.get(a.name).auto_eligible]
+        candidates = auto_candidates(device)
     if not candidates:
         raise registry.BackendUnavailableError(f"no NVFP4 backend can run on {registry.describe_device(device)}")
     dkey = device_key(device) + "|" + ",".join(sorted(b.name for b in candidates))

@@ -124,6 +124,8 @@ class NVFP4LinearModule(torch.nn.Module):
             self.last_path = "bf16"
             return torch.nn.functional.linear(x, w, None if b is None else b.to(x.dtype))
         name = ACTIVE_BACKEND.get() or self.backend
+        if name == registry.AUTO and self.format == FP8:
+            name = "dequant"  # FP8 layers of "mixed" files: every backend runs them as fp8-dequant
         if name == registry.AUTO:
             name = self.auto_choice
             if name is None:

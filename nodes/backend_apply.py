@@ -42,7 +42,8 @@ def select(patcher, choice: str, device):
             check(compute_dtype(patcher))
         return backend.name, (lambda m: backend), f"{backend.name}{note}"
     modules = [m for m in nvfp4_modules(patcher) if m.format == "nvfp4"]
-    table = autotune.choose({(m.out_features, m.in_features) for m in modules}, device)
+    table = autotune.choose({(m.out_features, m.in_features) for m in modules}, device,
+                            autotune.auto_candidates(device, compute_dtype(patcher)))
     for m in modules:
         m.auto_choice = table[(m.out_features, m.in_features)]["winner"]
     return registry.AUTO, (lambda m: registry.get(m.auto_choice)), f"auto{note}:\n" + autotune.format_table(table)

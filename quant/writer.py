@@ -93,7 +93,7 @@ def _diffusers_tensors(spec: names.LinearSpec, layer, hidden: int, report: Write
     return out
 
 
-def _diffusers_config(arch: str, layers_shapes: dict, params: dict, depth: int, single: int) -> dict:
+def _diffusers_config(arch: str, layers_shapes: dict, depth: int, single: int) -> dict:
     hidden = layers_shapes["img_in"][0]
     cfg = {
         "_class_name": "FluxTransformer2DModel" if arch == names.FLUX1 else "Flux2Transformer2DModel",
@@ -176,7 +176,7 @@ def write_checkpoint(out, arch: str, layers, params: dict[str, torch.Tensor], *,
             Path(tmp).unlink(missing_ok=True)
             raise
         return report
-    cfg = _diffusers_config(arch, shapes, params, depth, single)
+    cfg = _diffusers_config(arch, shapes, depth, single)
     if flavour == MODELOPT:
         ignore = sorted(s for n, l in layers if l.format != NVFP4 for s in nm.linears[n].sources)
         cfg["quantization_config"] = {

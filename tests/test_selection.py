@@ -146,3 +146,30 @@ def test_flashinfer_tuning_context_runs_where_flashinfer_is_installed(tmp_path):
         pass
     with blackwell.flashinfer_tuning(tmp_path / "t.json", tune=False):
         pass
+
+
+def test_fp8_layers_of_mixed_files_run_under_every_choice():
+    from comfyui_nvfp4.quant.layers import FP8Linear
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+    scale = w.abs().max() / 448
+    m = NVFP4LinearModule(64, 32, bias=False)
+    m.set_layer(FP8Linear((w / scale).to(torch.float8_e4m3fn), scale.reshape(())))
+    x = torch.randn(4, 64)
+    ref = x @ m.canonical().dequantize().t()
+    for choice in ("auto", "dequant", "emulate", "cutlass"):
+        token = ACTIVE_BACKEND.set(choice)
+        try:
+            y = m(x)
+        finally:
+            ACTIVE_BACKEND.reset(token)
+        assert m.last_path == "fp8-dequant", choice
+        assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_only_considers_backends_that_can_output_the_model_dtype():
+    assert autotune.dtype_ok(registry.get("cutlass"), torch.bfloat16)
+    assert autotune.dtype_ok(registry.get("cutlass"), torch.float16)
+    assert not autotune.dtype_ok(registry.get("cutlass"), torch.float32)
+    assert not autotune.dtype_ok(registry.get("trtllm"), torch.float16)
+    assert autotune.dtype_ok(registry.get("dequant"), torch.float32)
+    assert [b.name for b in autotune.auto_candidates(CPU, torch.float32)] == ["dequant"]
