@@ -93,8 +93,8 @@ def main():
         measure("read", path)  # warm the page cache so both runs see the same cache state
         base, ours = measure("read", path), measure("load", path)
         gib = base["file_bytes"] / 2**30
-        print(f"| what | seconds | peak RSS GiB | RSS / file size |")
-        print(f"|---|---|---|---|")
+        print("| what | seconds | peak RSS GiB | RSS / file size |")
+        print("|---|---|---|---|")
         for r, label in ((base, "plain read of the file bytes"), (ours, f"nvfp4 Checkpoint load, all layers ({a.flavour})")):
             print(f"| {label} | {r['seconds']:.2f} | {r['peak_rss'] / 2**30:.2f} | {r['peak_rss'] / base['file_bytes']:.2f} |")
         print(f"file size: {gib:.2f} GiB")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -37,9 +36,7 @@ def select(patcher, choice: str, device):
         choice = override
     if choice != registry.AUTO:
         backend = registry.resolve(choice, device)
-        check = getattr(backend, "check_dtype", None)
-        if check is not None:
-            check(compute_dtype(patcher))
+        getattr(backend, "check_dtype", lambda dtype: None)(compute_dtype(patcher))  # bf16/fp16-only GEMMs
         return backend.name, (lambda m: backend), f"{backend.name}{note}"
     modules = [m for m in nvfp4_modules(patcher) if m.format == "nvfp4"]
     table = autotune.choose({(m.out_features, m.in_features) for m in modules}, device,

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from . import names, nvfp4
 from .errors import CheckpointError
-from .layers import BF16, DenseLinear, NVFP4Linear
+from .layers import NVFP4Linear
 from .reader import COMFY, DENSE, MODELOPT, Checkpoint
 from .store import TensorStore
 from .writer import WriteReport, write_checkpoint

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import e2m1, names
-from .layers import FP8, NVFP4, DenseLinear, FP8Linear, NVFP4Linear, swap_row_halves
+from .layers import NVFP4, FP8Linear, NVFP4Linear, swap_row_halves
 from .merge import merge_parts, split_rows
 from .swizzle import round_up, swizzle_128x4
 
