@@ -19,10 +19,9 @@ from contextlib import contextmanager
 
 import torch
 
-from ..quant.layers import FP8
 from .act_quant import activation_scale
 from .blackwell_layout import CUDNN, CUTLASS, TRTLLM, padded_dims, prepare_weight
-from .portable import bias_of, fp8_dequant_linear
+from .portable import bias_of
 from .registry import Backend, register
 
 # FlashInfer's requirement decorators (flashinfer 0.7.2 gemm_base.py), as compute capability ints.
@@ -169,9 +168,8 @@ class MMFP4Backend(Backend):
 
     def prepare(self, module) -> dict[str, torch.Tensor]:
         out = {}
-        for i in range(module.n_parts):
-            prepared = prepare_weight(self.name, module._parameters[f"packed_{i}"].data,
-                                      module._parameters[f"scale_{i}"].data)
+        for i, p in enumerate(module.stored_parts()):
+            prepared = prepare_weight(self.name, p.packed, p.block_scale)
             out[f"w{i}"] = prepared["weight"]
             out[f"s{i}"] = prepared["scale"]
         return out
@@ -194,8 +192,6 @@ class MMFP4Backend(Backend):
         return dict(a=a, b=b, a_descale=a_sf, b_descale=b_descale, alpha=alpha), n
 
     def run(self, module, x):
-        if module.format == FP8:
-            return fp8_dequant_linear(module, x)
         self.check_dtype(x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         outs = []

@@ -14,8 +14,7 @@ import importlib.util
 
 import torch
 
-from ..quant.layers import FP8
-from .portable import bias_of, fp8_dequant_linear
+from .portable import bias_of
 from .registry import Backend, register
 
 FP8_MAX = 448.0
@@ -92,16 +91,11 @@ class FP8Backend(Backend):
         return _triton_ok()
 
     def prepare(self, module):
-        from ..quant.nvfp4 import NVFP4Weight
         dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        parts = [NVFP4Weight(module._parameters[f"packed_{i}"].data, module._parameters[f"scale_{i}"].data,
-                             module._parameters[f"gscale_{i}"].data) for i in range(module.n_parts)]
-        q, scale = fp8_weight(parts, dev)
+        q, scale = fp8_weight(module.stored_parts(), dev)
         return {"w": _to_host(q), "ws": _to_host(scale)}
 
     def run(self, module, x):
-        if module.format == FP8:
-            return fp8_dequant_linear(module, x)
         from .triton_kernels import act_quant_fp8, fp8_gemv
         x2 = x.reshape(-1, x.shape[-1])
         w = module.prep(self.name, "w", x.device)
@@ -142,11 +136,9 @@ class W4A16Backend(Backend):
         from .w4a16_layout import split_half_pack
         if module.in_features % 128:
             return {}
-        return {f"w{i}": split_half_pack(module._parameters[f"packed_{i}"].data) for i in range(module.n_parts)}
+        return {f"w{i}": split_half_pack(p.packed) for i, p in enumerate(module.stored_parts())}
 
     def run(self, module, x):
-        if module.format == FP8:
-            return fp8_dequant_linear(module, x)
         if module.in_features % 128:
             from .portable import DEQUANT
             return DEQUANT.run(module, x)

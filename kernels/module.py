@@ -15,6 +15,7 @@ import torch
 from ..quant.layers import BF16, FP8, NVFP4, DenseLinear, FP8Linear, NVFP4Linear
 from ..quant.nvfp4 import NVFP4Weight
 from . import registry
+from .portable import fp8_dequant_linear
 
 # The backend of the sampling run in progress (set by the model wrapper); modules fall back
 # to their own `backend` attribute outside such a run.
@@ -81,11 +82,15 @@ class NVFP4LinearModule(torch.nn.Module):
                             self.t(f"gscale_{i}", device), self.t(f"iscale_{i}", device))
                 for i in range(self.n_parts)]
 
+    def stored_parts(self) -> list[NVFP4Weight]:
+        """The NVFP4 parts where the parameters live now (what weight preparation reads)."""
+        return self.parts(self._parameters["packed_0"].device)
+
     def canonical(self):
         """The canonical layer back from the registered (CPU or GPU) tensors."""
         bias = self._parameters.get("bias")
         if self.format == NVFP4:
-            return NVFP4Linear(self.parts(self._parameters["packed_0"].device), bias)
+            return NVFP4Linear(self.stored_parts(), bias)
         if self.format == FP8:
             return FP8Linear(self.weight, self.weight_scale, self._parameters.get("input_scale"), bias)
         return DenseLinear(self.weight, bias)
@@ -123,9 +128,9 @@ class NVFP4LinearModule(torch.nn.Module):
             b = self.t("bias", x.device)
             self.last_path = "bf16"
             return torch.nn.functional.linear(x, w, None if b is None else b.to(x.dtype))
+        if self.format == FP8:  # FP8 layers of "mixed" files: the 4-bit backends don't apply
+            return fp8_dequant_linear(self, x)
         name = ACTIVE_BACKEND.get() or self.backend
-        if name == registry.AUTO and self.format == FP8:
-            name = "dequant"  # FP8 layers of "mixed" files: every backend runs them as fp8-dequant
         if name == registry.AUTO:
             name = self.auto_choice
             if name is None:

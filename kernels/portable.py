@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant.layers import FP8
 from .act_quant import fake_quantize
 from .registry import Backend, register
 
@@ -15,7 +14,7 @@ def bias_of(module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def fp8_dequant_linear(module, x: torch.Tensor) -> torch.Tensor:
-    """FP8 layers of "mixed" files: per-tensor dequantize in the compute dtype (4-bit paths don't apply)."""
+    """FP8 layers of "mixed" files: per-tensor dequantize in the compute dtype, whatever the backend."""
     w = module.t("weight", x.device).to(x.dtype) * module.t("weight_scale", x.device).to(x.dtype)
     module.last_path = "fp8-dequant"
     return F.linear(x, w, bias_of(module, x))
@@ -27,8 +26,6 @@ class Dequant(Backend):
     priority = 10
 
     def run(self, module, x):
-        if module.format == FP8:
-            return fp8_dequant_linear(module, x)
         w = torch.cat([p.dequantize(x.dtype) for p in module.parts(x.device)])
         module.last_path = self.name
         return F.linear(x, w, bias_of(module, x))
@@ -41,8 +38,6 @@ class Emulate(Backend):
     auto_eligible = False
 
     def run(self, module, x):
-        if module.format == FP8:
-            return fp8_dequant_linear(module, x)
         x2 = x.reshape(-1, x.shape[-1])
         outs = [fake_quantize(x2, p.input_scale) @ p.dequantize(torch.float32).t()
                 for p in module.parts(x.device)]
