@@ -17,7 +17,7 @@ from . import e2m1, names
 from .errors import (BadScaleError, CheckpointError, DTypeMismatchError, MissingTensorError,
                      NotFluxError, ShapeMismatchError, UnknownFlavourError, UnsupportedShapeError)
 from .layers import BF16, FP8, NVFP4, DenseLinear, FP8Linear, NVFP4Linear, swap_row_halves
-from .nvfp4 import BLOCK, NVFP4Weight
+from .nvfp4 import BLOCK, NVFP4Weight, concat_rows
 from .store import TensorStore
 from .swizzle import padded_scale_shape, round_up, unswizzle_128x4
 
@@ -391,9 +391,7 @@ class Checkpoint:
                 n = self._check_module_shapes(m, NVFP4)[0]
                 part = self._load_nvfp4_module(m, n, info.shape[1])
                 if parts and parts[-1].same_scales(part):
-                    parts[-1] = NVFP4Weight(torch.cat([parts[-1].packed, part.packed]),
-                                            torch.cat([parts[-1].block_scale, part.block_scale]),
-                                            parts[-1].global_scale, parts[-1].input_scale)
+                    parts[-1] = concat_rows([parts[-1], part])
                 else:
                     parts.append(part)
             layer = NVFP4Linear(parts, bias)
