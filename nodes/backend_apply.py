@@ -53,10 +53,8 @@ def prepare(patcher, backend_for, device) -> dict:
     needs = any(backend_for(m).prepares and backend_for(m).name not in m.prepared_backends()
                 for m in modules if m.format == "nvfp4")
     stale = any(m.prepared_backends() - {backend_for(m).name} for m in modules if m.format == "nvfp4")
-    if not needs and not stale:
-        return {"prepared_layers": 0, "freed_bytes": 0, "seconds": 0.0, "self_check_seconds": 0.0,
-                "self_check_min_cosine": None}
-    comfy.model_management.unload_model_and_clones(patcher)
+    if needs or stale:  # otherwise the pass below changes nothing: no need to unload the model
+        comfy.model_management.unload_model_and_clones(patcher)
     bar = comfy.utils.ProgressBar(1)
     info = preparation.prepare_modules(modules, backend_for, device,
                                        progress=lambda i, n: bar.update_absolute(i, n))
