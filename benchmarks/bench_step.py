@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from _bootstrap import ensure_package  # noqa: E402
 
 ensure_package()
-from comfyui_nvfp4.kernels import registry  # noqa: E402
+from comfyui_nvfp4.kernels import preparation, registry  # noqa: E402
 from comfyui_nvfp4.kernels.module import ACTIVE_BACKEND, NVFP4LinearModule  # noqa: E402
 from comfyui_nvfp4.quant import names  # noqa: E402
 from comfyui_nvfp4.quant.layers import DenseLinear, NVFP4Linear  # noqa: E402
@@ -114,10 +114,80 @@ def time_step(model, inputs, backend=None, reps=5):
             ACTIVE_BACKEND.reset(token)
 
 
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(t in n for t in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if any(t in n for t in ("_act_quant", "_small_m", "_decode_kernel")):
+        return "our triton"
+    if any(t in n for t in ("gemm", "sm90_xmma", "cutlass", "nvjet", "f8f8bf16", "gemv", "cublas")):
+        return "gemm"
+    return "other"
+
+
+def kernel_breakdown(model, inputs, backend) -> str:
+    """Sum of CUDA kernel durations by kind for one step (torch.profiler), next to the step's
+    wall time: their difference is time the GPU waited for the host."""
+    from torch.profiler import ProfilerActivity, profile
+    tok = ACTIVE_BACKEND.set(None if backend == "bf16" else backend)
+    try:
+        with torch.inference_mode():
+            model(**inputs)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                model(**inputs)
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) * 1e3
+    finally:
+        ACTIVE_BACKEND.reset(tok)
+    kinds: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            k = kernel_kind(e.name)
+            kinds[k] = kinds.get(k, 0.0) + e.device_time / 1e3
+    total = sum(kinds.values())
+    return (", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items())) +
+            f"; all kernels {total:.1f}; wall (profiled) {wall:.1f}")
+
+
+def graph_step_ms(model, inputs, backend, reps=5):
+    """Step time with the whole forward captured in one CUDA graph (no host overhead): the GPU-
+    bound floor of the same kernels. Returns None (and says why) where capture fails."""
+    tok = ACTIVE_BACKEND.set(None if backend == "bf16" else backend)
+    try:
+        with torch.inference_mode():
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    model(**inputs)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                model(**inputs)
+            times = []
+            for _ in range(reps):
+                st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                st.record()
+                g.replay()
+                en.record()
+                torch.cuda.synchronize()
+                times.append(st.elapsed_time(en))
+            del g
+            return sorted(times)[len(times) // 2]
+    except Exception as e:  # noqa: BLE001 - report and carry on
+        print(f"{backend}: CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}")
+        return None
+    finally:
+        ACTIVE_BACKEND.reset(tok)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--comfyui", required=True)
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one fp8 step")
+    ap.add_argument("--profile", action="store_true", help="GPU kernel time by kind (attention/GEMM/...) per path")
+    ap.add_argument("--graph", action="store_true", help="also time each path captured in one CUDA graph")
     ap.add_argument("--backends", default="dequant,w4a16,fp8",
                     help="Hopper: dequant,w4a16,fp8; Blackwell: dequant,cudnn,cutlass,trtllm")
     a = ap.parse_args()
@@ -128,15 +198,18 @@ def main():
     q = build(comfy.ops, True, dev)
     modules = [m for m in q.modules() if isinstance(m, NVFP4LinearModule) and m.format == "nvfp4"]
     nparams = sum(m.in_features * m.out_features for m in modules)
-    # Preparation as the node does it: from CPU originals, on the GPU, back to CPU parameters.
+    # Preparation as the node does it (preparation.prepare_modules): from the CPU originals of an
+    # offloaded model, converted on the GPU, self-checked there, stored back on the CPU.
     q.cpu()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
     fp8 = registry.get("fp8")
-    for m in modules:
-        m.set_prepared("fp8", fp8.prepare(m))
-    torch.cuda.synchronize()
-    prep_s = time.perf_counter() - t0
+    prep = {}
+    for check in (False, True):
+        for m in modules:
+            m.drop_prepared()
+        torch.cuda.synchronize()
+        info = preparation.prepare_modules(modules, fp8, dev, self_check=check)
+        prep[check] = info["seconds"]
+    assert all(m.prep_fp8_w.device.type == "cpu" for m in modules)
     for extra in a.backends.split(","):
         b = registry.get(extra)
         if b.prepares and extra != "fp8":
@@ -180,19 +253,27 @@ def main():
         wb = dense + (canon if backend == "dequant" else
                       prepped + canon - sum(m.packed_0.numel() for m in modules) if backend == "w4a16" else prepped)
         rows.append((backend, t, wb, peak, err))
-    if "--profile" in sys.argv:
-        from torch.profiler import ProfilerActivity, profile
-        tok = ACTIVE_BACKEND.set("fp8")
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            q(**inputs)
-            torch.cuda.synchronize()
-        ACTIVE_BACKEND.reset(tok)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    if a.graph:
+        d = dense_copy(q)
+        graphs = {"bf16": graph_step_ms(d, inputs, "bf16")}
+        del d
+        torch.cuda.empty_cache()
+        for backend in a.backends.split(","):
+            if backend != "dequant":
+                graphs[backend] = graph_step_ms(q, inputs, backend)
+        print("whole step in one CUDA graph (ms): " + ", ".join(
+            f"{k} {v:.1f}" if v else f"{k} n/a" for k, v in graphs.items()))
+    if a.profile:
+        for backend in ["bf16"] + [b for b in a.backends.split(",") if b in ("fp8", "w4a16")]:
+            model = dense_copy(q) if backend == "bf16" else q
+            print(f"{backend}: GPU kernel time by kind in one step (ms): " + kernel_breakdown(model, inputs, backend))
+            del model
+            torch.cuda.empty_cache()
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{__import__('triton').__version__}; FLUX.1-dev dims, 1024x1024 (4096 image + 512 text tokens)")
     print(f"NVFP4 linears: {len(modules)} layers, {nparams / 1e9:.2f} B weights; fp8 preparation of all of "
-          f"them (CPU -> GPU -> pinned CPU, as the node does): {prep_s:.2f} s; from weights already on the GPU: "
-          f"{prep_gpu_s:.2f} s")
+          f"them as the node does it (CPU originals -> GPU -> CPU): {prep[False]:.2f} s, with the self-check "
+          f"{prep[True]:.2f} s; the conversion alone on GPU-resident weights: {prep_gpu_s:.2f} s")
     print("| path | step ms | x bf16 | x dequant | linear weight GiB | peak extra VRAM in step GiB | rel err vs bf16 |")
     print("|---|---|---|---|---|---|---|")
     t_deq = rows[1][1]

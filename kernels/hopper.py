@@ -1,12 +1,15 @@
 """Fast paths for CUDA GPUs without FP4 tensor cores (Hopper, Ada, Ampere).
 
 fp8   (SM89+): each NVFP4 layer becomes FP8 e4m3 with one scale per output channel at
-       preparation time (on the GPU, one layer at a time); at run time activations are
-       quantized per token in one Triton pass and torch._scaled_mm (rowwise scales, bias
-       fused) does the GEMM. Parts with different weight_scale_2 fold into the per-channel
-       scales, so a fused layer is one GEMM.
-w4a16 (SM80+): a Triton GEMM reads the packed FP4 codes and e4m3 block scales and
-       dequantizes in the kernel: weights stay at 4.5 bits.
+       preparation time (one Triton pass per part on the GPU, layer by layer); at run time
+       activations are quantized per token in one Triton pass and torch._scaled_mm (rowwise
+       scales, bias fused) does the GEMM; M <= 16 runs a Triton kernel streaming the FP8
+       weights instead (path "fp8-gemv"). Parts with different weight_scale_2 fold into the
+       per-channel scales, so a fused layer is one GEMM.
+w4a16 (SM80+): weights stay resident at 4.5 bits (the packed FP4 codes + e4m3 scales). M <= 16:
+       a Triton kernel decodes them in registers (path "w4a16"); larger M, where the GEMM is
+       compute-bound, decodes the layer into a transient bf16 weight in one Triton pass and
+       multiplies with cuBLAS (path "w4a16-dq", the dequantize-then-GEMM split vLLM's AWQ uses).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from .portable import bias_of
 from .registry import Backend, register
 
 FP8_MAX = 448.0
-GEMV_MAX_M = 4
+SMALL_M_MAX = 16  # M up to this runs the weight-streaming kernels
 
 
 def _cuda_cc(device) -> tuple[int, int] | None:
@@ -40,17 +43,13 @@ def _triton_ok() -> tuple[bool, str]:
 SCALE_CANDIDATES = tuple(1.0 - i / 16 for i in range(8))
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """Device -> pinned host copy (pageable copies ran at a fraction of PCIe speed)."""
-    if t.device.type == "cpu":
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t)
-    return out
+def _compute_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def fp8_weight(parts, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4 parts -> (fp8 e4m3 [N, K], fp32 per-channel scales [N]); computed on `device`.
+    """NVFP4 parts -> (fp8 e4m3 [N, K], fp32 per-channel scales [N]) in plain torch on `device`:
+    the reference the Triton conversion is tested against (and the path without a GPU).
 
     Each row takes the candidate scale with the smallest squared rounding error."""
     w = torch.cat([p.dequantize(torch.float32, device) for p in parts])
@@ -91,22 +90,36 @@ class FP8Backend(Backend):
         return _triton_ok()
 
     def prepare(self, module):
-        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        q, scale = fp8_weight(module.stored_parts(), dev)
-        return {"w": _to_host(q), "ws": _to_host(scale)}
+        """On the GPU (where the self-check then runs); preparation stores the result next to
+        the module's other parameters."""
+        dev = _compute_device()
+        parts = module.stored_parts()
+        if dev.type != "cuda":
+            q, scale = fp8_weight(parts, dev)
+            return {"w": q, "ws": scale}
+        from .triton_fp8 import nvfp4_to_fp8
+        q = torch.empty((module.out_features, module.in_features), device=dev, dtype=torch.float8_e4m3fn)
+        scale = torch.empty(module.out_features, device=dev, dtype=torch.float32)
+        row = 0
+        for p in parts:
+            n = p.packed.shape[0]
+            nvfp4_to_fp8(p.packed.to(dev), p.block_scale.to(dev), p.global_scale.to(dev), q[row:row + n],
+                         scale[row:row + n])
+            row += n
+        return {"w": q, "ws": scale}
 
     def run(self, module, x):
-        from .triton_kernels import act_quant_fp8, fp8_gemv
+        from .triton_fp8 import act_quant_fp8, small_m_gemm
         x2 = x.reshape(-1, x.shape[-1])
         w = module.prep(self.name, "w", x.device)
         ws = module.prep(self.name, "ws", x.device)
         b = bias_of(module, x)
         out_dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
         b = None if b is None else b.to(out_dtype)
-        if x2.shape[0] <= GEMV_MAX_M:
-            # cuBLAS's FP8 GEMM is slow at M=1 (0.19 ms vs bf16's 0.05 on 3072x18432, H100):
-            # a GEMV over the same FP8 weights streams them once (bf16 activations, no quantization).
-            y = fp8_gemv(x2, w, ws, b, out_dtype)
+        if x2.shape[0] <= SMALL_M_MAX:
+            # cuBLAS's FP8 GEMM is slow at small M (0.19 ms vs bf16's 0.05 at M=1 on 3072x18432,
+            # H100): stream the same FP8 weights once (bf16 activations, no quantization).
+            y = small_m_gemm(x2, w, ws, b, out_dtype)
             module.last_path = "fp8-gemv"
         else:
             q, xs = act_quant_fp8(x2)
@@ -142,18 +155,31 @@ class W4A16Backend(Backend):
         if module.in_features % 128:
             from .portable import DEQUANT
             return DEQUANT.run(module, x)
-        from .triton_kernels import w4a16_gemm
+        from . import triton_w4a16
         x2 = x.reshape(-1, x.shape[-1])
-        out = torch.empty((x2.shape[0], module.out_features), device=x.device, dtype=torch.bfloat16)
         b = bias_of(module, x)
-        col = 0
-        for i, p in enumerate(module.parts(x.device)):
-            n = p.shape[0]
-            w4a16_gemm(x2, module.prep(self.name, f"w{i}", x.device), p.block_scale, p.global_scale,
-                       None if b is None else b[col:col + n].to(torch.bfloat16), out[:, col:col + n])
-            col += n
-        module.last_path = self.name
-        return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        parts = module.parts(x.device)
+        codes = [module.prep(self.name, f"w{i}", x.device) for i in range(len(parts))]
+        if x2.shape[0] <= triton_w4a16.SMALL_M_MAX:
+            out = torch.empty((x2.shape[0], module.out_features), device=x.device, dtype=torch.bfloat16)
+            col = 0
+            for p, c in zip(parts, codes):
+                n = c.shape[0]
+                triton_w4a16.small_m_gemm(x2, c, p.block_scale, p.global_scale,
+                                          None if b is None else b[col:col + n].to(torch.bfloat16), out[:, col:col + n])
+                col += n
+            module.last_path = self.name
+            return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        # Compute-bound: decode into a transient weight (one layer at a time) for cuBLAS.
+        wdtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        w = torch.empty((module.out_features, module.in_features), device=x.device, dtype=wdtype)
+        row = 0
+        for p, c in zip(parts, codes):
+            triton_w4a16.decode(c, p.block_scale, p.global_scale, w[row:row + c.shape[0]])
+            row += c.shape[0]
+        module.last_path = "w4a16-dq"
+        y = torch.nn.functional.linear(x2.to(wdtype), w, None if b is None else b.to(wdtype))
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 FP8_BACKEND = register(FP8Backend())

@@ -103,6 +103,12 @@ class NVFP4LinearModule(torch.nn.Module):
         for name, t in tensors.items():
             self.register_parameter(f"prep_{backend}_{name}", torch.nn.Parameter(t, **_PARAM))
 
+    def move_prepared(self, backend: str, device: torch.device) -> None:
+        """Store a backend's prepared tensors on `device` (where the layer's originals live)."""
+        for n, p in self._parameters.items():
+            if n.startswith(f"prep_{backend}_") and p.device != device:
+                self._parameters[n] = torch.nn.Parameter(p.to(device), **_PARAM)
+
     def drop_prepared(self, keep: str | None = None) -> int:
         """Free prepared layouts of every backend but `keep`; returns bytes freed."""
         freed = 0

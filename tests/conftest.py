@@ -1,14 +1,21 @@
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, our Triton kernels run under Triton's interpreter (tests/test_triton_interpreter.py).
+# Triton reads this when a kernel is decorated, so it is set before any plugin module is imported.
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests import the plugin as `comfyui_nvfp4` (its installed name). Without an install,
 # register the repository root under that name so a bare checkout runs too.
 try:
     import comfyui_nvfp4  # noqa: F401
 except ImportError:
-    import importlib.util
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("comfyui_nvfp4", root / "__init__.py",
                                                   submodule_search_locations=[str(root)])

@@ -1,0 +1,48 @@
+"""Pieces shared by the Triton kernels: NVFP4 decoding and the small-M tile size.
+
+E2M1 decoding through fp16 bits: code s|e1 e0|m placed at fp16 bits 15 and 11..9 is exactly
+e2m1 * 2^-14 (the e=0 codes land on fp16 subnormals, which fp16 -> fp32 conversion keeps), so
+a nibble costs ~5 integer ops and one conversion instead of a branchy bit-build. Callers fold
+the 2^14 into the e4m3 block scale (exact in fp32), so v * scale is the exact e2m1 * e4m3.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+E2M1_FP16_BIAS = 16384.0  # 2^14
+
+
+@triton.jit
+def fp4_pair(byte):
+    """int32 bytes -> (low nibble, high nibble) as fp32 e2m1 * 2^-14, exact."""
+    lo = ((byte & 0x07) << 9) | ((byte & 0x08) << 12)
+    hi = ((byte & 0x70) << 5) | ((byte & 0x80) << 8)
+    return (lo.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32),
+            hi.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32))
+
+
+@triton.jit
+def e4m3_scale(raw):
+    """e4m3 block-scale bytes (uint8) -> fp32 scale * 2^14 (exact), for fp4_pair's values."""
+    return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * 16384.0
+
+
+def row_tile(m: int) -> int:
+    """Rows a small-M program holds: M rounded up to a power of two (M <= 16)."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def launch(kernel, grid, args, kwargs, config: dict | None = None):
+    """Run an autotuned kernel, or one of its configs by hand (`config`: the config's kwargs;
+    tests use it to run every config, also under TRITON_INTERPRET=1 where nothing is timed)."""
+    if config is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        kernel.fn[grid](*args, **kwargs, **config)
+
+
+def configs_for(kernel, **key) -> list[dict]:
+    """The configs the autotuner would time for these constexpr values (after pruning)."""
+    pruned = kernel.early_config_prune(kernel.configs, {}, **key) if kernel.early_config_prune else kernel.configs
+    return [c.kwargs for c in pruned]

@@ -1,0 +1,109 @@
+"""Our Triton kernels' indexing, masking and decoding, run on the CPU by Triton's interpreter.
+
+The interpreter runs the kernel bodies as numpy, so it checks what the kernels compute, not how
+fast. Two interpreter limits decide what is compared here (Triton 3.8/3.9): its float -> bf16 and
+float -> fp8 casts do not round to nearest-even, and its bf16 tl.dot returns garbage. So outputs
+are written in fp32 (exact comparisons), the tensor-core (DOT) configs and the fp8 rounding are
+left to tests/gpu (run on the H100), and the FMA configs are all run here.
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' brings it on Linux)")
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("a GPU is present: the kernels are tested for real in tests/gpu", allow_module_level=True)
+
+from comfyui_nvfp4.kernels import triton_fp8, triton_w4a16  # noqa: E402
+from comfyui_nvfp4.kernels.hopper import SCALE_CANDIDATES, fp8_weight  # noqa: E402
+from comfyui_nvfp4.kernels.triton_common import configs_for, row_tile  # noqa: E402
+from comfyui_nvfp4.kernels.w4a16_layout import split_half_pack  # noqa: E402
+from comfyui_nvfp4.quant import nvfp4  # noqa: E402
+
+
+def weight(n, k, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return nvfp4.quantize(torch.randn(n, k, generator=g) * scale / k ** 0.5)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("n,k", [(40, 128), (7, 384), (33, 256)])
+def test_decode_is_dequantize_exactly(n, k):
+    p = weight(n, k, seed=n)
+    # written into the middle rows of a larger buffer (a part of a fused layer), poisoned
+    buf = torch.full((n + 5, k), float("nan"))
+    triton_w4a16.decode(split_half_pack(p.packed), p.block_scale, p.global_scale, buf[3:3 + n])
+    assert torch.equal(buf[3:3 + n], p.dequantize(torch.float32))
+    assert buf[:3].isnan().all() and buf[3 + n:].isnan().all()  # nothing written outside its rows
+
+
+def test_decode_rejects_k_not_multiple_of_128():
+    p = weight(8, 96, seed=0)
+    with pytest.raises(ValueError, match="K % 128"):
+        triton_w4a16.decode(p.packed, p.block_scale, p.global_scale, torch.empty(8, 96))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_w4a16_small_m_fma_configs(m):
+    n, k = 72, 256
+    p = weight(n, k, seed=m, scale=3.0)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(10 + m)).to(torch.bfloat16)
+    b = torch.randn(n).to(torch.bfloat16)
+    ref = x.double() @ p.dequantize(torch.float64).t() + b.double()
+    configs = [c for c in configs_for(triton_w4a16._small_m_kernel, MP=row_tile(m)) if not c["DOT"]]
+    assert configs
+    for cfg in configs:
+        out = torch.full((m, n), float("nan"))
+        triton_w4a16.small_m_gemm(x, split_half_pack(p.packed), p.block_scale, p.global_scale, b, out, config=cfg)
+        assert rel(out, ref) < 1e-5, cfg
+
+
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_fp8_small_m_fma_configs(m):
+    n, k = 50, 320  # K not a multiple of the K tile: the masked tail
+    w8, ws = fp8_weight([weight(n, k, seed=m)], torch.device("cpu"))
+    x = torch.randn(m, k).to(torch.bfloat16)
+    b = torch.randn(n).to(torch.bfloat16)
+    ref = x.double() @ (w8.double() * ws.double()[:, None]).t() + b.double()
+    configs = [c for c in configs_for(triton_fp8._small_m_kernel, MP=row_tile(m)) if not c["DOT"]]
+    assert configs
+    for cfg in configs:
+        out = triton_fp8.small_m_gemm(x, w8, ws, b, torch.float32, config=cfg)
+        assert out.shape == (m, n) and rel(out, ref) < 1e-5, cfg
+
+
+def test_nvfp4_to_fp8_picks_a_candidate_scale_per_row():
+    n, k = 24, 512
+    p = weight(n, k, seed=3)
+    q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+    s = torch.full((n,), float("nan"))
+    triton_fp8.nvfp4_to_fp8(p.packed, p.block_scale, p.global_scale, q, s)
+    w = p.dequantize()
+    base = w.abs().amax(1) / 448
+    ratios = s / base
+    cands = torch.tensor(SCALE_CANDIDATES)
+    assert ((ratios[:, None] - cands[None, :]).abs().min(1).values < 1e-6).all()
+    q_ref, s_ref = fp8_weight([p], torch.device("cpu"))
+    # the interpreter's fp8 cast truncates where CUDA rounds: errors close to the reference's
+    assert rel(q.float() * s[:, None], w) < 1.2 * rel(q_ref.float() * s_ref[:, None], w)
+
+
+def test_nvfp4_to_fp8_zero_rows_get_unit_scale():
+    p = weight(4, 128, seed=0)
+    p = nvfp4.NVFP4Weight(p.packed.clone(), p.block_scale, p.global_scale)
+    p.packed[1] = 0
+    q = torch.empty(4, 128, dtype=torch.float8_e4m3fn)
+    s = torch.empty(4)
+    triton_fp8.nvfp4_to_fp8(p.packed, p.block_scale, p.global_scale, q, s)
+    assert s[1] == 1.0 and (q[1].float() == 0).all()
+
+
+def test_act_quant_scales_are_row_amax_over_448():
+    x = torch.randn(5, 300) * torch.rand(5, 1) * 10
+    q, s = triton_fp8.act_quant_fp8(x.to(torch.bfloat16))
+    assert torch.allclose(s, x.to(torch.bfloat16).float().abs().amax(1, keepdim=True) / 448, rtol=1e-6)
+    assert (q.float().abs().amax(1) > 400).all()
