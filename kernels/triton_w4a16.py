@@ -67,57 +67,84 @@ def decode(split_packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.
 
 def _small_configs():
     return [triton.Config({"BN": bn, "DOT": dot}, num_warps=w, num_stages=s)
-            for bn, dot, w, s in [(16, False, 4, 4), (32, False, 4, 4), (32, False, 8, 3), (64, False, 8, 3),
+            for bn, dot, w, s in [(16, False, 4, 4), (32, False, 4, 4), (64, False, 4, 3), (64, False, 8, 3),
                                   (16, True, 4, 4), (32, True, 4, 4), (64, True, 4, 3), (64, True, 8, 3)]]
 
 
 def _prune_small(configs, named_args, **kwargs):
     mp = kwargs.get("MP", named_args.get("MP"))
-    # FMA tiles hold MP x BN x 64 products per K half: keep them within registers
-    return [c for c in configs if c.kwargs["DOT"] or mp * c.kwargs["BN"] * 64 <= 1024 * c.num_warps]
+    # FMA tiles are only worth it for a few rows; tensor-core tiles pad the rows to 16
+    return [c for c in configs if c.kwargs["DOT"] or mp <= 4]
 
 
 @triton.jit
-def _small_m_acc(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn,
-                 BM: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
-    rows = tl.arange(0, BM)
-    r_mask = rows < M
-    h = tl.arange(0, 64)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+def _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn,
+                 MP: tl.constexpr, BN: tl.constexpr):
+    """fp32 FMAs on [BN, 4 groups, 16] tiles: no reshape, and the block scale multiplies each
+    group's 16-element partial sum instead of every weight."""
+    rows = tl.arange(0, MP)
+    g = tl.arange(0, 4)
+    i = tl.arange(0, 16)
+    acc = tl.zeros((MP, BN), dtype=tl.float32)
     for kb in range(0, K // 128):
-        lo, hi = _load_block(w_ptr, s_ptr, offs_n, n_mask, kb, stride_wn, stride_sn, BN)
-        a_row = a_ptr + rows[:, None] * stride_am + kb * 128 + h[None, :]
-        x_lo = tl.load(a_row, mask=r_mask[:, None], other=0.0)
-        x_hi = tl.load(a_row + 64, mask=r_mask[:, None], other=0.0)
-        if DOT:  # e2m1 * e4m3 is exact in bf16
-            acc = tl.dot(x_lo, tl.trans(lo.to(tl.bfloat16)), acc)
-            acc = tl.dot(x_hi, tl.trans(hi.to(tl.bfloat16)), acc)
-        else:
-            acc += tl.sum(x_lo.to(tl.float32)[:, None, :] * lo[None, :, :], axis=2)
-            acc += tl.sum(x_hi.to(tl.float32)[:, None, :] * hi[None, :, :], axis=2)
-    return acc, rows, r_mask
+        byte = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + kb * 64 + g[None, :, None] * 16 + i[None, None, :],
+                       mask=n_mask[:, None, None], other=0).to(tl.int32)
+        s_row = s_ptr + offs_n[:, None] * stride_sn + kb * 8 + g[None, :]
+        s_lo = e4m3_scale(tl.load(s_row, mask=n_mask[:, None], other=0))
+        s_hi = e4m3_scale(tl.load(s_row + 4, mask=n_mask[:, None], other=0))
+        v_lo, v_hi = fp4_pair(byte)
+        for r in tl.static_range(MP):
+            x_row = a_ptr + r * stride_am + kb * 128 + g[:, None] * 16 + i[None, :]
+            r_ok = (tl.zeros((4, 16), dtype=tl.int32) + r) < M
+            x_lo = tl.load(x_row, mask=r_ok, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + 64, mask=r_ok, other=0.0).to(tl.float32)
+            part = (tl.sum(tl.sum(v_lo * x_lo[None, :, :], axis=2) * s_lo, axis=1)
+                    + tl.sum(tl.sum(v_hi * x_hi[None, :, :], axis=2) * s_hi, axis=1))
+            acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
+    return acc, rows
+
+
+@triton.jit
+def _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn, BN: tl.constexpr):
+    """Tensor cores, one 16-wide scale group at a time (rows padded to 16): each group's
+    [16, 16] x [16, BN] product is scaled per output channel as it is accumulated (the same
+    16 x BN multiplies as scaling the weights, and no reshape)."""
+    rows = tl.arange(0, 16)
+    r_mask = rows < M
+    i = tl.arange(0, 16)
+    acc = tl.zeros((16, BN), dtype=tl.float32)
+    for kb in range(0, K // 128):
+        for g in tl.static_range(4):
+            byte = tl.load(w_ptr + offs_n[:, None] * stride_wn + kb * 64 + g * 16 + i[None, :],
+                           mask=n_mask[:, None], other=0).to(tl.int32)
+            s_lo = e4m3_scale(tl.load(s_ptr + offs_n * stride_sn + kb * 8 + g, mask=n_mask, other=0))
+            s_hi = e4m3_scale(tl.load(s_ptr + offs_n * stride_sn + kb * 8 + 4 + g, mask=n_mask, other=0))
+            v_lo, v_hi = fp4_pair(byte)  # e2m1 * 2^-14: exact in bf16
+            x_row = a_ptr + rows[:, None] * stride_am + kb * 128 + g * 16 + i[None, :]
+            x_lo = tl.load(x_row, mask=r_mask[:, None], other=0.0)
+            x_hi = tl.load(x_row + 64, mask=r_mask[:, None], other=0.0)
+            acc += tl.dot(x_lo, tl.trans(v_lo.to(tl.bfloat16))) * s_lo[None, :]
+            acc += tl.dot(x_hi, tl.trans(v_hi.to(tl.bfloat16))) * s_hi[None, :]
+    return acc, rows
 
 
 @triton.autotune(configs=_small_configs(), key=["N", "K", "MP"], prune_configs_by={"early_config_prune": _prune_small})
 @triton.jit
 def _small_m_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_sn,
                     stride_cm, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
-    """Each program owns BN output channels and streams their 4-bit weights once. DOT runs the
-    products on tensor cores (rows padded to 16); otherwise fp32 FMAs (cheaper for M <= 4)."""
+    """Each program owns BN output channels and streams their 4-bit weights once."""
     pid = tl.program_id(0)
     offs_n = pid * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     if DOT:
-        acc, rows, r_mask = _small_m_acc(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn,
-                                         stride_sn, 16, BN, True)
+        acc, rows = _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn, BN)
     else:
-        acc, rows, r_mask = _small_m_acc(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn,
-                                         stride_sn, MP, BN, False)
+        acc, rows = _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn, MP, BN)
     acc = acc * tl.load(gs_ptr)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=r_mask[:, None] & n_mask[None, :])
+             mask=(rows[:, None] < M) & n_mask[None, :])
 
 
 def small_m_gemm(x2d: torch.Tensor, split_packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
