@@ -22,6 +22,9 @@ from .registry import Backend, register
 
 FP8_MAX = 448.0
 SMALL_M_MAX = 16  # M up to this runs the weight-streaming kernels
+# cuBLASLt rejects rowwise-scaled FP8 GEMMs with CUBLAS_STATUS_NOT_SUPPORTED at M = 17..32 for
+# K = 12288 and 15360 (H100, torch 2.11 + CUDA 13; M = 64 and up run): such M are padded.
+SCALED_MM_MIN_M = 64
 
 
 def _cuda_cc(device) -> tuple[int, int] | None:
@@ -123,8 +126,12 @@ class FP8Backend(Backend):
             module.last_path = "fp8-gemv"
         else:
             q, xs = act_quant_fp8(x2)
+            m = q.shape[0]
+            if m < SCALED_MM_MIN_M:
+                q = torch.cat([q, q.new_zeros(SCALED_MM_MIN_M - m, q.shape[1])])
+                xs = torch.cat([xs, xs.new_ones(SCALED_MM_MIN_M - m, 1)])
             y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=ws.view(1, -1), bias=b, out_dtype=out_dtype,
-                                 use_fast_accum=self.fast_accum)
+                                 use_fast_accum=self.fast_accum)[:m]
             module.last_path = self.name
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 

@@ -149,7 +149,7 @@ def _nvfp4_to_fp8_kernel(w_ptr, s_ptr, gs_ptr, q_ptr, qs_ptr, half_k, stride_wn,
         amax = tl.maximum(amax, tl.maximum(tl.abs(lo), tl.abs(hi)))
     amax_row = tl.max(amax, axis=0)
     base = tl.where(amax_row > 0, tl.math.div_rn(amax_row, 448.0), 1.0)
-    ratio = 1.0 - tl.arange(0, 8).to(tl.float32) / 16.0  # exact: k/16
+    ratio = 1.0 - tl.arange(0, 8).to(tl.float32) * 0.0625  # exact: k/16
     cand = base * ratio  # [8], the fp32 products torch forms
     err = tl.zeros((8,), dtype=tl.float32)
     for c0 in range(0, half_k, BB):

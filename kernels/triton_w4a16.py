@@ -66,9 +66,12 @@ def decode(split_packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.
 
 
 def _small_configs():
-    return [triton.Config({"BN": bn, "DOT": dot}, num_warps=w, num_stages=s)
-            for bn, dot, w, s in [(16, False, 4, 4), (32, False, 4, 4), (64, False, 4, 3), (64, False, 8, 3),
-                                  (16, True, 4, 4), (32, True, 4, 4), (64, True, 4, 3), (64, True, 8, 3)]]
+    # U: 128-wide K blocks per loop iteration. Nothing pipelines these loads (they feed FMAs,
+    # not tl.dot), so the bytes in flight per SM come from the tile: U blocks at once.
+    return [triton.Config({"BN": bn, "U": u, "DOT": dot}, num_warps=w, num_stages=s)
+            for bn, u, dot, w, s in [(16, 4, False, 4, 1), (32, 2, False, 4, 1), (32, 4, False, 4, 1),
+                                     (64, 2, False, 8, 1), (16, 2, True, 4, 3), (32, 2, True, 4, 3),
+                                     (64, 1, True, 4, 3), (32, 4, True, 8, 3)]]
 
 
 def _prune_small(configs, named_args, **kwargs):
@@ -79,25 +82,27 @@ def _prune_small(configs, named_args, **kwargs):
 
 @triton.jit
 def _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn,
-                 MP: tl.constexpr, BN: tl.constexpr):
-    """fp32 FMAs on [BN, 4 groups, 16] tiles: no reshape, and the block scale multiplies each
+                 MP: tl.constexpr, BN: tl.constexpr, U: tl.constexpr):
+    """fp32 FMAs on [BN, 4U groups, 16] tiles: no reshape, and the block scale multiplies each
     group's 16-element partial sum instead of every weight."""
     rows = tl.arange(0, MP)
-    g = tl.arange(0, 4)
+    g = tl.arange(0, 4 * U)  # group g: block g // 4, 16-byte group g % 4 of that block
     i = tl.arange(0, 16)
+    n_blocks = K // 128
     acc = tl.zeros((MP, BN), dtype=tl.float32)
-    for kb in range(0, K // 128):
+    for kb in range(0, n_blocks, U):
+        g_ok = (kb + g // 4) < n_blocks
         byte = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + kb * 64 + g[None, :, None] * 16 + i[None, None, :],
-                       mask=n_mask[:, None, None], other=0).to(tl.int32)
-        s_row = s_ptr + offs_n[:, None] * stride_sn + kb * 8 + g[None, :]
-        s_lo = e4m3_scale(tl.load(s_row, mask=n_mask[:, None], other=0))
-        s_hi = e4m3_scale(tl.load(s_row + 4, mask=n_mask[:, None], other=0))
+                       mask=n_mask[:, None, None] & g_ok[None, :, None], other=0).to(tl.int32)
+        s_row = s_ptr + offs_n[:, None] * stride_sn + (kb + g[None, :] // 4) * 8 + g[None, :] % 4
+        s_lo = e4m3_scale(tl.load(s_row, mask=n_mask[:, None] & g_ok[None, :], other=0))
+        s_hi = e4m3_scale(tl.load(s_row + 4, mask=n_mask[:, None] & g_ok[None, :], other=0))
         v_lo, v_hi = fp4_pair(byte)
+        x_off = (kb + g[:, None] // 4) * 128 + (g[:, None] % 4) * 16 + i[None, :]  # low-nibble elements
         for r in tl.static_range(MP):
-            x_row = a_ptr + r * stride_am + kb * 128 + g[:, None] * 16 + i[None, :]
-            r_ok = (tl.zeros((4, 16), dtype=tl.int32) + r) < M
-            x_lo = tl.load(x_row, mask=r_ok, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_row + 64, mask=r_ok, other=0.0).to(tl.float32)
+            r_ok = ((tl.zeros((4 * U, 16), dtype=tl.int32) + r) < M) & g_ok[:, None]
+            x_lo = tl.load(a_ptr + r * stride_am + x_off, mask=r_ok, other=0.0).to(tl.float32)
+            x_hi = tl.load(a_ptr + r * stride_am + x_off + 64, mask=r_ok, other=0.0).to(tl.float32)
             part = (tl.sum(tl.sum(v_lo * x_lo[None, :, :], axis=2) * s_lo, axis=1)
                     + tl.sum(tl.sum(v_hi * x_hi[None, :, :], axis=2) * s_hi, axis=1))
             acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
@@ -105,41 +110,48 @@ def _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn
 
 
 @triton.jit
-def _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn, BN: tl.constexpr):
+def _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn,
+                 BN: tl.constexpr, U: tl.constexpr):
     """Tensor cores, one 16-wide scale group at a time (rows padded to 16): each group's
     [16, 16] x [16, BN] product is scaled per output channel as it is accumulated (the same
     16 x BN multiplies as scaling the weights, and no reshape)."""
     rows = tl.arange(0, 16)
     r_mask = rows < M
     i = tl.arange(0, 16)
+    n_blocks = K // 128
     acc = tl.zeros((16, BN), dtype=tl.float32)
-    for kb in range(0, K // 128):
-        for g in tl.static_range(4):
-            byte = tl.load(w_ptr + offs_n[:, None] * stride_wn + kb * 64 + g * 16 + i[None, :],
-                           mask=n_mask[:, None], other=0).to(tl.int32)
-            s_lo = e4m3_scale(tl.load(s_ptr + offs_n * stride_sn + kb * 8 + g, mask=n_mask, other=0))
-            s_hi = e4m3_scale(tl.load(s_ptr + offs_n * stride_sn + kb * 8 + 4 + g, mask=n_mask, other=0))
-            v_lo, v_hi = fp4_pair(byte)  # e2m1 * 2^-14: exact in bf16
-            x_row = a_ptr + rows[:, None] * stride_am + kb * 128 + g * 16 + i[None, :]
-            x_lo = tl.load(x_row, mask=r_mask[:, None], other=0.0)
-            x_hi = tl.load(x_row + 64, mask=r_mask[:, None], other=0.0)
-            acc += tl.dot(x_lo, tl.trans(v_lo.to(tl.bfloat16))) * s_lo[None, :]
-            acc += tl.dot(x_hi, tl.trans(v_hi.to(tl.bfloat16))) * s_hi[None, :]
+    for kb0 in range(0, n_blocks, U):
+        for u in tl.static_range(U):
+            kb = kb0 + u
+            ok = kb < n_blocks
+            for g in tl.static_range(4):
+                byte = tl.load(w_ptr + offs_n[:, None] * stride_wn + kb * 64 + g * 16 + i[None, :],
+                               mask=n_mask[:, None] & ok, other=0).to(tl.int32)
+                s_lo = e4m3_scale(tl.load(s_ptr + offs_n * stride_sn + kb * 8 + g, mask=n_mask & ok, other=0))
+                s_hi = e4m3_scale(tl.load(s_ptr + offs_n * stride_sn + kb * 8 + 4 + g, mask=n_mask & ok, other=0))
+                v_lo, v_hi = fp4_pair(byte)  # e2m1 * 2^-14: exact in bf16
+                x_row = a_ptr + rows[:, None] * stride_am + kb * 128 + g * 16 + i[None, :]
+                x_lo = tl.load(x_row, mask=r_mask[:, None] & ok, other=0.0)
+                x_hi = tl.load(x_row + 64, mask=r_mask[:, None] & ok, other=0.0)
+                acc += tl.dot(x_lo, tl.trans(v_lo.to(tl.bfloat16))) * s_lo[None, :]
+                acc += tl.dot(x_hi, tl.trans(v_hi.to(tl.bfloat16))) * s_hi[None, :]
     return acc, rows
 
 
 @triton.autotune(configs=_small_configs(), key=["N", "K", "MP"], prune_configs_by={"early_config_prune": _prune_small})
 @triton.jit
 def _small_m_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_sn,
-                    stride_cm, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr):
+                    stride_cm, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
+                    DOT: tl.constexpr):
     """Each program owns BN output channels and streams their 4-bit weights once."""
     pid = tl.program_id(0)
     offs_n = pid * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     if DOT:
-        acc, rows = _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn, BN)
+        acc, rows = _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn, BN, U)
     else:
-        acc, rows = _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn, MP, BN)
+        acc, rows = _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn, MP, BN,
+                                 U)
     acc = acc * tl.load(gs_ptr)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
