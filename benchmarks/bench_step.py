@@ -188,6 +188,7 @@ def main():
     ap.add_argument("--comfyui", required=True)
     ap.add_argument("--profile", action="store_true", help="GPU kernel time by kind (attention/GEMM/...) per path")
     ap.add_argument("--graph", action="store_true", help="also time each path captured in one CUDA graph")
+    ap.add_argument("--prep-only", action="store_true", help="only time the fp8 preparation")
     ap.add_argument("--backends", default="dequant,w4a16,fp8",
                     help="Hopper: dequant,w4a16,fp8; Blackwell: dequant,cudnn,cutlass,trtllm")
     a = ap.parse_args()
@@ -203,13 +204,16 @@ def main():
     q.cpu()
     fp8 = registry.get("fp8")
     prep = {}
-    for check in (False, True):
+    for workers, check in ((1, False), (preparation.PREP_WORKERS, False), (preparation.PREP_WORKERS, True)):
         for m in modules:
             m.drop_prepared()
         torch.cuda.synchronize()
-        info = preparation.prepare_modules(modules, fp8, dev, self_check=check)
-        prep[check] = info["seconds"]
+        info = preparation.prepare_modules(modules, fp8, dev, self_check=check, workers=workers)
+        prep[workers, check] = info["seconds"]
+        print(f"fp8 preparation, {workers} thread(s), self-check {check}: {info['seconds']:.2f} s", flush=True)
     assert all(m.prep_fp8_w.device.type == "cpu" for m in modules)
+    if a.prep_only:
+        return
     for extra in a.backends.split(","):
         b = registry.get(extra)
         if b.prepares and extra != "fp8":
@@ -271,9 +275,11 @@ def main():
             torch.cuda.empty_cache()
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{__import__('triton').__version__}; FLUX.1-dev dims, 1024x1024 (4096 image + 512 text tokens)")
+    w = preparation.PREP_WORKERS
     print(f"NVFP4 linears: {len(modules)} layers, {nparams / 1e9:.2f} B weights; fp8 preparation of all of "
-          f"them as the node does it (CPU originals -> GPU -> CPU): {prep[False]:.2f} s, with the self-check "
-          f"{prep[True]:.2f} s; the conversion alone on GPU-resident weights: {prep_gpu_s:.2f} s")
+          f"them as the node does it (CPU originals -> GPU -> CPU): {prep[1, False]:.2f} s in one thread, "
+          f"{prep[w, False]:.2f} s in {w}, {prep[w, True]:.2f} s in {w} with the self-check; the conversion alone "
+          f"on GPU-resident weights: {prep_gpu_s:.2f} s")
     print("| path | step ms | x bf16 | x dequant | linear weight GiB | peak extra VRAM in step GiB | rel err vs bf16 |")
     print("|---|---|---|---|---|---|---|")
     t_deq = rows[1][1]

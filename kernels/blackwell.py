@@ -132,6 +132,8 @@ def _cudnn_ok() -> tuple[bool, str]:
 class MMFP4Backend(Backend):
     flashinfer_backend = ""
     prepares = True
+    # FlashInfer's runners and autotuner are not documented as thread-safe: one layer at a time
+    parallel_prepare = False
 
     def __init__(self, fb: str, priority: int):
         self.flashinfer_backend = fb

@@ -14,17 +14,22 @@ w4a16 (SM80+): weights stay resident at 4.5 bits (the packed FP4 codes + e4m3 sc
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 
 from .portable import bias_of
 from .registry import Backend, register
 
+log = logging.getLogger("comfyui_nvfp4")
 FP8_MAX = 448.0
 SMALL_M_MAX = 16  # M up to this runs the weight-streaming kernels
-# cuBLASLt rejects rowwise-scaled FP8 GEMMs with CUBLAS_STATUS_NOT_SUPPORTED at M = 17..32 for
-# K = 12288 and 15360 (H100, torch 2.11 + CUDA 13; M = 64 and up run): such M are padded.
+# cuBLASLt rejects some rowwise-scaled FP8 GEMMs with CUBLAS_STATUS_NOT_SUPPORTED (H100, torch
+# 2.11 + CUDA 13): M = 17..32 with K = 12288 / 15360 (N = 3072 runs from M = 64: such M are
+# padded), and M = 64 with N = 512..1024 at those K. Shapes it rejects run "fp8-dq" (the FP8
+# weights dequantized to bf16, cuBLAS bf16), remembered per shape and logged once.
 SCALED_MM_MIN_M = 64
+_SCALED_MM_REJECTED: set[tuple[int, int, int]] = set()
 
 
 def _cuda_cc(device) -> tuple[int, int] | None:
@@ -112,7 +117,7 @@ class FP8Backend(Backend):
         return {"w": q, "ws": scale}
 
     def run(self, module, x):
-        from .triton_fp8 import act_quant_fp8, small_m_gemm
+        from .triton_fp8 import small_m_gemm
         x2 = x.reshape(-1, x.shape[-1])
         w = module.prep(self.name, "w", x.device)
         ws = module.prep(self.name, "ws", x.device)
@@ -125,15 +130,37 @@ class FP8Backend(Backend):
             y = small_m_gemm(x2, w, ws, b, out_dtype)
             module.last_path = "fp8-gemv"
         else:
-            q, xs = act_quant_fp8(x2)
-            m = q.shape[0]
-            if m < SCALED_MM_MIN_M:
-                q = torch.cat([q, q.new_zeros(SCALED_MM_MIN_M - m, q.shape[1])])
-                xs = torch.cat([xs, xs.new_ones(SCALED_MM_MIN_M - m, 1)])
-            y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=ws.view(1, -1), bias=b, out_dtype=out_dtype,
-                                 use_fast_accum=self.fast_accum)[:m]
-            module.last_path = self.name
+            y = self._scaled_mm(x2, w, ws, b, out_dtype)
+            if y is None:
+                wd = (w.to(out_dtype) * ws.to(out_dtype)[:, None])
+                y = torch.nn.functional.linear(x2.to(out_dtype), wd, b)
+                module.last_path = "fp8-dq"
+            else:
+                module.last_path = self.name
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+    def _scaled_mm(self, x2, w, ws, b, out_dtype):
+        """Per-token FP8 activations x FP8 weights on cuBLASLt; None where cuBLASLt rejects the shape."""
+        from .triton_fp8 import act_quant_fp8
+        m = x2.shape[0]
+        mp = max(m, SCALED_MM_MIN_M)
+        key = (mp, w.shape[0], w.shape[1])
+        if key in _SCALED_MM_REJECTED:
+            return None
+        q, xs = act_quant_fp8(x2)
+        if m < mp:
+            q = torch.cat([q, q.new_zeros(mp - m, q.shape[1])])
+            xs = torch.cat([xs, xs.new_ones(mp - m, 1)])
+        try:
+            return torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=ws.view(1, -1), bias=b, out_dtype=out_dtype,
+                                    use_fast_accum=self.fast_accum)[:m]
+        except RuntimeError as e:
+            if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(e):
+                raise
+            _SCALED_MM_REJECTED.add(key)
+            log.warning("NVFP4 fp8: cuBLASLt has no rowwise FP8 GEMM for M=%d N=%d K=%d; such layers run "
+                        "'fp8-dq' (FP8 weights dequantized, bf16 GEMM)", *key)
+            return None
 
 
 class W4A16Backend(Backend):

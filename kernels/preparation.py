@@ -11,8 +11,11 @@ bugs peers shipped). Set NVFP4_SELF_CHECK=0 to skip it; its cost is reported eit
 """
 from __future__ import annotations
 
+import contextvars
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import torch
 
@@ -21,6 +24,7 @@ from . import registry
 
 SELF_CHECK_MIN_COSINE = 0.95
 SELF_CHECK_ROWS = 32  # > 16: the paths image tokens take (small-M kernels share the layouts)
+PREP_WORKERS = 4  # layers prepared at once (their host<->device copies overlap)
 SELF_CHECK_CHANNELS = 96  # output channels compared (spread over N, every part included)
 
 
@@ -68,39 +72,94 @@ def check_layer(module, backend: registry.Backend, device: torch.device, dtype=t
     return float(torch.nn.functional.cosine_similarity(y, ref, dim=0))
 
 
+def _prepare_one(m, backend, device, self_check: bool) -> tuple[float | None, float]:
+    """Make, check and store one layer's layout: (self-check cosine or None, seconds checking)."""
+    home = m.packed_0.device
+    m.set_prepared(backend.name, backend.prepare(m))
+    cos, spent = None, 0.0
+    if self_check:
+        t1 = time.perf_counter()
+        cos = check_layer(m, backend, device)
+        spent = time.perf_counter() - t1
+        if not cos >= SELF_CHECK_MIN_COSINE:
+            m.drop_prepared()
+            raise SelfCheckError(
+                f"NVFP4 self-check failed: layer {m.layer_name} on backend '{backend.name}' gives "
+                f"cosine {cos:.4f} against the dequantized reference (need >= {SELF_CHECK_MIN_COSINE}). "
+                f"Its weights would produce a wrong image; pick another backend, and please report this "
+                f"with the GPU, driver and FlashInfer versions.")
+    m.move_prepared(backend.name, home)
+    return cos, spent
+
+
+_streams = threading.local()
+
+
+def _in_own_stream(fn, device: torch.device):
+    """Run fn on this thread's CUDA stream, so several layers' copies and kernels overlap."""
+    if device.type != "cuda":
+        return fn()
+    if getattr(_streams, "stream", None) is None:
+        _streams.stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(_streams.stream):
+        out = fn()
+        _streams.stream.synchronize()
+    return out
+
+
 def prepare_modules(modules, backend, device: torch.device, *, self_check: bool | None = None,
-                    progress=None) -> dict:
+                    progress=None, workers: int = PREP_WORKERS) -> dict:
     """Prepare every NVFP4 module for its backend (once) and drop other backends' layouts.
 
-    `backend` is a Backend, or a function module -> Backend (per-layer choices of `auto`)."""
+    `backend` is a Backend, or a function module -> Backend (per-layer choices of `auto`).
+    The first layer runs alone (it compiles the kernels); the others run `workers` at a time,
+    each thread on its own CUDA stream: the host<->device copies (most of the time for a model
+    offloaded to the CPU) of several layers then overlap."""
     choose = backend if callable(backend) and not isinstance(backend, registry.Backend) else (lambda m: backend)
     self_check = self_check_enabled() if self_check is None else self_check
     info = {"prepared_layers": 0, "freed_bytes": 0, "seconds": 0.0, "self_check_seconds": 0.0,
             "self_check_min_cosine": None}
     t0 = time.perf_counter()
     todo = [m for m in modules if m.format == "nvfp4"]
-    for i, m in enumerate(todo):
-        backend = choose(m)
-        info["freed_bytes"] += m.drop_prepared(keep=backend.name)
-        if backend.prepares and backend.name not in m.prepared_backends():
-            home = m.packed_0.device
-            m.set_prepared(backend.name, backend.prepare(m))
-            info["prepared_layers"] += 1
-            if self_check:
-                t1 = time.perf_counter()
-                cos = check_layer(m, backend, device)
-                info["self_check_seconds"] += time.perf_counter() - t1
-                worst = info["self_check_min_cosine"]
-                info["self_check_min_cosine"] = cos if worst is None else min(worst, cos)
-                if not cos >= SELF_CHECK_MIN_COSINE:
-                    m.drop_prepared()
-                    raise SelfCheckError(
-                        f"NVFP4 self-check failed: layer {m.layer_name} on backend '{backend.name}' gives "
-                        f"cosine {cos:.4f} against the dequantized reference (need >= {SELF_CHECK_MIN_COSINE}). "
-                        f"Its weights would produce a wrong image; pick another backend, and please report this "
-                        f"with the GPU, driver and FlashInfer versions.")
-            m.move_prepared(backend.name, home)
+    jobs = []
+    for m in todo:
+        b = choose(m)
+        info["freed_bytes"] += m.drop_prepared(keep=b.name)
+        if b.prepares and b.name not in m.prepared_backends():
+            jobs.append((m, b))
+    done = len(todo) - len(jobs)
+
+    def finished(result):
+        nonlocal done
+        cos, spent = result
+        info["prepared_layers"] += 1
+        info["self_check_seconds"] += spent
+        if cos is not None:
+            worst = info["self_check_min_cosine"]
+            info["self_check_min_cosine"] = cos if worst is None else min(worst, cos)
+        done += 1
         if progress:
-            progress(i + 1, len(todo))
+            progress(done, len(todo))
+
+    if progress and done:
+        progress(done, len(todo))
+    if any(not b.parallel_prepare for _, b in jobs):
+        workers = 1
+    serial = jobs if workers <= 1 else jobs[:1]
+    for j in serial:
+        finished(_prepare_one(*j, device, self_check))
+    if len(jobs) > len(serial):
+        with ThreadPoolExecutor(workers) as pool:
+            # each task sees the caller's context variables (active ops, overrides)
+            futures = [pool.submit(contextvars.copy_context().run, _in_own_stream,
+                                   lambda j=j: _prepare_one(*j, device, self_check), device)
+                       for j in jobs[len(serial):]]
+            try:
+                for f in as_completed(futures):
+                    finished(f.result())
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     info["seconds"] = time.perf_counter() - t0
     return info

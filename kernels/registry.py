@@ -28,6 +28,7 @@ class Backend:
     priority: int = 0
     auto_eligible: bool = True   # False for accuracy tools such as `emulate`
     prepares: bool = False       # True when prepare() makes per-layer weight layouts
+    parallel_prepare: bool = True  # layers may be prepared (and self-checked) in several threads
 
     def capability(self, device: torch.device) -> tuple[bool, str]:
         return True, ""

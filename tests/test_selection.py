@@ -173,3 +173,38 @@ def test_auto_only_considers_backends_that_can_output_the_model_dtype():
     assert not autotune.dtype_ok(registry.get("trtllm"), torch.float16)
     assert autotune.dtype_ok(registry.get("dequant"), torch.float32)
     assert [b.name for b in autotune.auto_candidates(CPU, torch.float32)] == ["dequant"]
+
+
+class _DenseCopy(registry.Backend):
+    """A preparing backend for the preparation machinery: its layout is the dequantized weight."""
+    name = "dense-copy"
+    prepares = True
+
+    def __init__(self, broken_layer=None):
+        self.broken_layer = broken_layer
+
+    def prepare(self, module):
+        w = module.canonical().dequantize(torch.float32)
+        return {"w": -w if module.layer_name == self.broken_layer else w}
+
+    def run(self, module, x):
+        module.last_path = self.name
+        return torch.nn.functional.linear(x, module.prep(self.name, "w", x.device).to(x.dtype), module.bias.to(x.dtype))
+
+
+def test_preparation_in_worker_threads_prepares_every_layer_and_reports_progress():
+    mods = [mod(n=64 + 16 * (i % 3), seed=i, name=f"l{i}") for i in range(12)]
+    seen = []
+    info = preparation.prepare_modules(mods, _DenseCopy(), CPU, self_check=True, workers=4,
+                                       progress=lambda i, n: seen.append((i, n)))
+    assert info["prepared_layers"] == 12 and info["self_check_min_cosine"] > 0.99
+    assert [i for i, _ in seen] == list(range(1, 13)) and all(n == 12 for _, n in seen)
+    for m in mods:
+        assert torch.equal(m._parameters["prep_dense-copy_w"], m.canonical().dequantize(torch.float32))
+
+
+def test_preparation_in_worker_threads_stops_at_a_bad_layer():
+    mods = [mod(seed=i, name=f"l{i}") for i in range(8)]
+    with pytest.raises(preparation.SelfCheckError, match="layer l5 on backend 'dense-copy'"):
+        preparation.prepare_modules(mods, _DenseCopy(broken_layer="l5"), CPU, self_check=True, workers=3)
+    assert mods[5].prepared_backends() == set()

@@ -142,17 +142,18 @@ def test_backend_on_module(backend, parts):
         y = b.run(mod, x)
         path = mod.last_path
         if backend == "fp8":
-            expected = "fp8-gemv" if m <= 16 else "fp8"
+            # shapes cuBLASLt rejects (see hopper.py) run fp8-dq
+            expected = {"fp8-gemv"} if m <= 16 else ({"fp8", "fp8-dq"} if k >= 12288 else {"fp8"})
         else:  # the w4a16 kernels need K % 128 == 0
-            expected = "dequant" if k % 128 else ("w4a16" if m <= 16 else "w4a16-dq")
-        assert path == expected, (m, n, k)
+            expected = {"dequant" if k % 128 else ("w4a16" if m <= 16 else "w4a16-dq")}
+        assert path in expected, (m, n, k, path)
         assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
         ref = reference(mod, x)
         err = rel(y, ref)
         emu = rel(EMULATE.run(mod, x.float()), ref)
         if path == "fp8":
             assert err < 0.04 and err < emu / 2, (err, emu)
-        elif path == "fp8-gemv":  # FP8 weights, bf16 activations
+        elif path in ("fp8-gemv", "fp8-dq"):  # FP8 weights, bf16 activations
             assert err < 0.03, err
         else:
             assert err < 1e-2, err
