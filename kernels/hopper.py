@@ -20,6 +20,7 @@ import torch
 
 from .portable import bias_of
 from .registry import Backend, register
+from .transfer import to_device
 
 log = logging.getLogger("comfyui_nvfp4")
 FP8_MAX = 448.0
@@ -111,8 +112,8 @@ class FP8Backend(Backend):
         row = 0
         for p in parts:
             n = p.packed.shape[0]
-            nvfp4_to_fp8(p.packed.to(dev), p.block_scale.to(dev), p.global_scale.to(dev), q[row:row + n],
-                         scale[row:row + n])
+            nvfp4_to_fp8(to_device(p.packed, dev), to_device(p.block_scale, dev), p.global_scale.to(dev),
+                         q[row:row + n], scale[row:row + n])
             row += n
         return {"w": q, "ws": scale}
 

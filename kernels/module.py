@@ -105,9 +105,11 @@ class NVFP4LinearModule(torch.nn.Module):
 
     def move_prepared(self, backend: str, device: torch.device) -> None:
         """Store a backend's prepared tensors on `device` (where the layer's originals live)."""
+        from .transfer import to_device, to_host
         for n, p in self._parameters.items():
             if n.startswith(f"prep_{backend}_") and p.device != device:
-                self._parameters[n] = torch.nn.Parameter(p.to(device), **_PARAM)
+                moved = to_host(p.data) if device.type == "cpu" else to_device(p.data, device)
+                self._parameters[n] = torch.nn.Parameter(moved, **_PARAM)
 
     def drop_prepared(self, keep: str | None = None) -> int:
         """Free prepared layouts of every backend but `keep`; returns bytes freed."""

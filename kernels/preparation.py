@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import torch
 
 from ..quant.nvfp4 import NVFP4Weight
-from . import registry
+from . import registry, transfer
 
 SELF_CHECK_MIN_COSINE = 0.95
 SELF_CHECK_ROWS = 32  # > 16: the paths image tokens take (small-M kernels share the layouts)
@@ -145,6 +145,13 @@ def prepare_modules(modules, backend, device: torch.device, *, self_check: bool 
         progress(done, len(todo))
     if any(not b.parallel_prepare for _, b in jobs):
         workers = 1
+    with transfer.staging():
+        _run_jobs(jobs, device, self_check, workers, finished)
+    info["seconds"] = time.perf_counter() - t0
+    return info
+
+
+def _run_jobs(jobs, device, self_check, workers, finished) -> None:
     serial = jobs if workers <= 1 else jobs[:1]
     for j in serial:
         finished(_prepare_one(*j, device, self_check))
@@ -161,5 +168,3 @@ def prepare_modules(modules, backend, device: torch.device, *, self_check: bool 
                 for f in futures:
                     f.cancel()
                 raise
-    info["seconds"] = time.perf_counter() - t0
-    return info

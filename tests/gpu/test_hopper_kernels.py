@@ -201,3 +201,21 @@ def test_offloaded_and_moved_modules_still_run(backend):
         mod.to(DEV)
         y_reloaded = b.run(mod, x)
         assert torch.equal(y_offloaded, y_loaded) and torch.equal(y_loaded, y_reloaded)
+
+
+def test_staged_transfers_are_exact_and_release_their_buffers():
+    from comfyui_nvfp4.kernels import transfer
+    tensors = [torch.randint(0, 256, (3072, 1536), dtype=torch.uint8),
+               torch.randn(21504, 3072).to(torch.float8_e4m3fn), torch.randn(777), torch.randn(3, 5).t(),
+               torch.randint(0, 256, (transfer.STAGING_BYTES + 16,), dtype=torch.uint8)]  # larger than the buffer
+    with transfer.staging() as s:
+        assert s is not None
+        for t in tensors:
+            d = transfer.to_device(t, DEV)
+            assert d.device.type == "cuda" and torch.equal(d.cpu().view(torch.uint8) if d.dtype == torch.float8_e4m3fn else d.cpu(),
+                                                          t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t)
+            h = transfer.to_host(d)
+            assert h.device.type == "cpu" and not h.is_pinned()
+            assert torch.equal(h.view(torch.uint8), t.contiguous().view(torch.uint8)) if t.dtype == torch.float8_e4m3fn \
+                else torch.equal(h, t)
+    assert transfer._current.get() is None
