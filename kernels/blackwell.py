@@ -132,6 +132,7 @@ def _cudnn_ok() -> tuple[bool, str]:
 class MMFP4Backend(Backend):
     flashinfer_backend = ""
     prepares = True
+    replaces = ("packed", "scale")  # the prepared weight and swizzled scales stand in for them
     # FlashInfer's runners and autotuner are not documented as thread-safe: one layer at a time
     parallel_prepare = False
 
@@ -178,19 +179,20 @@ class MMFP4Backend(Backend):
 
     def gemm_args(self, module, x2d: torch.Tensor, part: int):
         """Exactly what mm_fp4 receives for one part of the layer (also used by the tests)."""
-        p = module.parts(x2d.device)[part]
-        n, k = p.shape
+        # only the part's scalars are read: its codes and block scales are the prepared layout
+        n, k = module.part_shape(part)
+        global_scale = module.t(f"gscale_{part}", x2d.device)
         np_, kp = padded_dims(self.name, n, k)
         if kp != k:
             x2d = torch.nn.functional.pad(x2d, (0, kp - k))
-        in_scale = activation_scale(x2d, p.input_scale)
+        in_scale = activation_scale(x2d, module.t(f"iscale_{part}", x2d.device))
         a, a_sf = _OPS.fp4_quantize(x2d.contiguous(), (1.0 / in_scale).reshape(1))
         w = module.prep(self.name, f"w{part}", x2d.device)
         s = module.prep(self.name, f"s{part}", x2d.device)
         rp, cp = s.shape
         b = w.t()                                   # [Kp/2, Np], column-major view
         b_descale = s.view(torch.float8_e4m3fn).t()  # [Cp, Rp]
-        alpha = (in_scale * p.global_scale.float()).reshape(1).to(torch.float32)
+        alpha = (in_scale * global_scale.float()).reshape(1).to(torch.float32)
         return dict(a=a, b=b, a_descale=a_sf, b_descale=b_descale, alpha=alpha), n
 
     def run(self, module, x):

@@ -84,6 +84,7 @@ class FP8Backend(Backend):
     label = "fp8: NVFP4 -> FP8 weights, per-token FP8 activations, torch._scaled_mm (SM89+)"
     priority = 50
     prepares = True
+    replaces = ("packed", "scale")  # FP8 weights + per-channel scales replace the NVFP4 ones
     # cuBLAS fast (non-promoting) FP8 accumulation: on the H100 it took the FLUX.1-dev GEMMs from
     # 1.32x to 1.58x bf16 (geomean) with the same error (3.44% both): see BENCHMARKS.md.
     fast_accum = True
@@ -169,6 +170,7 @@ class W4A16Backend(Backend):
     label = "w4a16: Triton GEMM dequantizing FP4 weights in the kernel (SM80+)"
     priority = 40
     prepares = True
+    replaces = ("packed",)  # the split-half codes are the same bytes in another order
 
     def capability(self, device):
         cc = _cuda_cc(device)
@@ -193,14 +195,16 @@ class W4A16Backend(Backend):
         from . import triton_w4a16
         x2 = x.reshape(-1, x.shape[-1])
         b = bias_of(module, x)
-        parts = module.parts(x.device)
-        codes = [module.prep(self.name, f"w{i}", x.device) for i in range(len(parts))]
+        dev = x.device
+        # the split-half codes stand in for the canonical ones; the scales are read as they are
+        parts = [(module.prep(self.name, f"w{i}", dev), module.t(f"scale_{i}", dev), module.t(f"gscale_{i}", dev))
+                 for i in range(module.n_parts)]
         if x2.shape[0] <= triton_w4a16.SMALL_M_MAX:
             out = torch.empty((x2.shape[0], module.out_features), device=x.device, dtype=torch.bfloat16)
             col = 0
-            for p, c in zip(parts, codes):
+            for c, scale, gscale in parts:
                 n = c.shape[0]
-                triton_w4a16.small_m_gemm(x2, c, p.block_scale, p.global_scale,
+                triton_w4a16.small_m_gemm(x2, c, scale, gscale,
                                           None if b is None else b[col:col + n].to(torch.bfloat16), out[:, col:col + n])
                 col += n
             module.last_path = self.name
@@ -209,8 +213,8 @@ class W4A16Backend(Backend):
         wdtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         w = torch.empty((module.out_features, module.in_features), device=x.device, dtype=wdtype)
         row = 0
-        for p, c in zip(parts, codes):
-            triton_w4a16.decode(c, p.block_scale, p.global_scale, w[row:row + c.shape[0]])
+        for c, scale, gscale in parts:
+            triton_w4a16.decode(c, scale, gscale, w[row:row + c.shape[0]])
             row += c.shape[0]
         module.last_path = "w4a16-dq"
         y = torch.nn.functional.linear(x2.to(wdtype), w, None if b is None else b.to(wdtype))

@@ -38,6 +38,9 @@ class NVFP4LinearModule(torch.nn.Module):
         self.auto_choice: str | None = None  # this layer's backend under `auto` (set by the autotuner)
         self.last_path: str | None = None
         self.compute_dtype = dtype
+        # Canonical tensors the active backend's layout replaces, kept out of _parameters so that
+        # ComfyUI does not load them into VRAM (see park()); still saved by state_dict().
+        self._parked: dict[str, torch.Tensor] = {}
 
     # ----- building from canonical layers -----
     def set_layer(self, layer) -> None:
@@ -73,6 +76,8 @@ class NVFP4LinearModule(torch.nn.Module):
     def t(self, name: str, device: torch.device) -> torch.Tensor | None:
         p = self._parameters.get(name)
         if p is None:
+            p = self._parked.get(name)
+        if p is None:
             return None
         # Offloaded (lowvram/novram) layers stay on the CPU; fetch them like ComfyUI's cast does.
         return p if p.device == device else p.to(device, non_blocking=True)
@@ -84,7 +89,20 @@ class NVFP4LinearModule(torch.nn.Module):
 
     def stored_parts(self) -> list[NVFP4Weight]:
         """The NVFP4 parts where the parameters live now (what weight preparation reads)."""
-        return self.parts(self._parameters["packed_0"].device)
+        return self.parts(self.home_device())
+
+    def stored(self, name: str) -> torch.Tensor | None:
+        """A parameter or parked tensor where it lives now (no copy)."""
+        p = self._parameters.get(name)
+        return self._parked.get(name) if p is None else p
+
+    def home_device(self) -> torch.device:
+        """Where the layer's canonical weights live now."""
+        return self.stored("packed_0").device
+
+    def part_shape(self, i: int) -> tuple[int, int]:
+        n, half_k = self.stored(f"packed_{i}").shape
+        return n, half_k * 2
 
     def canonical(self):
         """The canonical layer back from the registered (CPU or GPU) tensors."""
@@ -111,8 +129,30 @@ class NVFP4LinearModule(torch.nn.Module):
                 moved = to_host(p.data) if device.type == "cpu" else to_device(p.data, device)
                 self._parameters[n] = torch.nn.Parameter(moved, **_PARAM)
 
+    def park(self, names) -> int:
+        """Take canonical tensors the prepared layout makes redundant out of the parameters (ComfyUI
+        moves parameters to the GPU, so they would sit in VRAM unused); returns their bytes."""
+        moved = 0
+        for n in [n for n in self._parameters if n.startswith(tuple(f"{x}_" for x in names))]:
+            self._parked[n] = self._parameters.pop(n).data
+            moved += self._parked[n].numel() * self._parked[n].element_size()
+        return moved
+
+    def unpark(self) -> None:
+        for n, t in self._parked.items():
+            self.register_parameter(n, torch.nn.Parameter(t, **_PARAM))
+        self._parked.clear()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for n, t in self._parked.items():
+            destination[prefix + n] = t
+
     def drop_prepared(self, keep: str | None = None) -> int:
-        """Free prepared layouts of every backend but `keep`; returns bytes freed."""
+        """Free prepared layouts of every backend but `keep` (their parked canonical tensors
+        become parameters again); returns bytes freed."""
+        if keep is None or keep not in self.prepared_backends():
+            self.unpark()
         freed = 0
         for n in [n for n in self._parameters if n.startswith("prep_")]:
             if keep is None or not n.startswith(f"prep_{keep}_"):

@@ -74,8 +74,9 @@ def check_layer(module, backend: registry.Backend, device: torch.device, dtype=t
 
 def _prepare_one(m, backend, device, self_check: bool) -> tuple[float | None, float]:
     """Make, check and store one layer's layout: (self-check cosine or None, seconds checking)."""
-    home = m.packed_0.device
-    m.set_prepared(backend.name, backend.prepare(m))
+    home = m.home_device()
+    tensors = backend.prepare(m)
+    m.set_prepared(backend.name, tensors)
     cos, spent = None, 0.0
     if self_check:
         t1 = time.perf_counter()
@@ -89,6 +90,8 @@ def _prepare_one(m, backend, device, self_check: bool) -> tuple[float | None, fl
                 f"Its weights would produce a wrong image; pick another backend, and please report this "
                 f"with the GPU, driver and FlashInfer versions.")
     m.move_prepared(backend.name, home)
+    if tensors:  # a layer the backend runs another way (e.g. w4a16 with K % 128 != 0) keeps its originals
+        m.park(backend.replaces)
     return cos, spent
 
 

@@ -29,6 +29,9 @@ class Backend:
     auto_eligible: bool = True   # False for accuracy tools such as `emulate`
     prepares: bool = False       # True when prepare() makes per-layer weight layouts
     parallel_prepare: bool = True  # layers may be prepared (and self-checked) in several threads
+    # canonical tensors (by name prefix: packed, scale) the prepared layout makes unnecessary at
+    # run time; they are parked off the parameters so that they never occupy VRAM
+    replaces: tuple[str, ...] = ()
 
     def capability(self, device: torch.device) -> tuple[bool, str]:
         return True, ""

@@ -179,6 +179,7 @@ class _DenseCopy(registry.Backend):
     """A preparing backend for the preparation machinery: its layout is the dequantized weight."""
     name = "dense-copy"
     prepares = True
+    replaces = ("packed", "scale")
 
     def __init__(self, broken_layer=None):
         self.broken_layer = broken_layer
@@ -208,3 +209,22 @@ def test_preparation_in_worker_threads_stops_at_a_bad_layer():
     with pytest.raises(preparation.SelfCheckError, match="layer l5 on backend 'dense-copy'"):
         preparation.prepare_modules(mods, _DenseCopy(broken_layer="l5"), CPU, self_check=True, workers=3)
     assert mods[5].prepared_backends() == set()
+
+
+def test_replaced_originals_leave_the_parameters_but_nothing_is_lost():
+    """What a layout replaces is parked off the parameters (ComfyUI would load it into VRAM unused),
+    still saved by state_dict, and back as parameters when the layer changes backend."""
+    m = mod(n=96, k=128, seed=3, name="l")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    preparation.prepare_modules([m], _DenseCopy(), CPU, self_check=True)
+    names = dict(m.named_parameters())
+    assert "packed_0" not in names and "scale_0" not in names and "gscale_0" in names
+    assert "prep_dense-copy_w" in names
+    sd = m.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in before.items())  # nothing lost
+    y = _DenseCopy().run(m, x)
+    assert torch.allclose(y.float(), registry.get("dequant").run(m, x).float(), atol=1e-2)  # dequant reads parked ones
+    preparation.prepare_modules([m], registry.get("dequant"), CPU)  # switching backend frees the layout...
+    assert "packed_0" in dict(m.named_parameters()) and m.prepared_backends() == set()  # ...and unparks
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())

@@ -170,6 +170,11 @@ def test_prepare_modules_checks_on_gpu_and_stores_with_the_originals(backend):
     for m in mods:
         assert m.prepared_backends() == {backend}
         assert all(p.device.type == "cpu" for p in m.parameters())
+        # the canonical codes the layout replaces are no parameters: ComfyUI won't load them to the GPU
+        assert "packed_0" not in dict(m.named_parameters())
+        m.to(DEV)
+        x = torch.randn(40, m.in_features, device=DEV, dtype=torch.bfloat16)
+        assert rel(b.run(m, x), reference(m, x)) < (0.04 if backend == "fp8" else 1e-2)
     bad = module(384, 256)
     orig = b.prepare
     try:
