@@ -105,7 +105,10 @@ def main():
             if label == "bf16":
                 continue
             ms, err = times[label], rel(fn(), ref)
-            res[f"{label}_ms"], res[f"{label}_err"] = ms, err
+            if mod.last_path and mod.last_path != label.split("-")[0] and label in names:
+                label = f"{label} ({mod.last_path})"  # the path this M took, e.g. w4a16 (w4a16-dq)
+            key = label.split(" ")[0]
+            res[f"{key}_ms"], res[f"{key}_err"] = ms, err
             table.append((f"{m},{k},{n}", label, ms, flops / ms / 1e9, base / ms, times["dequant"] / ms, err))
         res["resident_bytes_ratio_w4a16"] = (mod.packed_0.numel() + mod.scale_0.numel()) / (2 * n * k)
         rows.append(res)
