@@ -228,3 +228,16 @@ def test_replaced_originals_leave_the_parameters_but_nothing_is_lost():
     preparation.prepare_modules([m], registry.get("dequant"), CPU)  # switching backend frees the layout...
     assert "packed_0" in dict(m.named_parameters()) and m.prepared_backends() == set()  # ...and unparks
     assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+
+
+class _BrokenSmallM(_DenseCopy):
+    """Right at many rows, wrong at one row (as a faulty small-M kernel would be)."""
+
+    def run(self, module, x):
+        y = super().run(module, x)
+        return y.flip(-1) if x.shape[0] == 1 else y
+
+
+def test_self_check_covers_the_small_m_path_too():
+    with pytest.raises(preparation.SelfCheckError, match="layer l0"):
+        preparation.prepare_modules([mod(seed=0, name="l0")], _BrokenSmallM(), CPU, self_check=True)
