@@ -26,9 +26,10 @@ log = logging.getLogger("comfyui_nvfp4")
 FP8_MAX = 448.0
 SMALL_M_MAX = 16  # M up to this runs the weight-streaming kernels
 # cuBLASLt rejects some rowwise-scaled FP8 GEMMs with CUBLAS_STATUS_NOT_SUPPORTED (H100, torch
-# 2.11 + CUDA 13): M = 17..32 with K = 12288 / 15360 (N = 3072 runs from M = 64: such M are
-# padded), and M = 64 with N = 512..1024 at those K. Shapes it rejects run "fp8-dq" (the FP8
-# weights dequantized to bf16, cuBLAS bf16), remembered per shape and logged once.
+# 2.11 + CUDA 13): M = 17..32 with K = 12288 / 15360 and N = 3072, which runs from M = 64 (such
+# M are padded), and in tests/gpu smaller N (512 / 1024) at those K even padded. Shapes it
+# rejects run "fp8-dq" (the FP8 weights dequantized to bf16, cuBLAS bf16), remembered per shape
+# and logged once.
 SCALED_MM_MIN_M = 64
 _SCALED_MM_REJECTED: set[tuple[int, int, int]] = set()
 
@@ -167,7 +168,7 @@ class FP8Backend(Backend):
 
 class W4A16Backend(Backend):
     name = "w4a16"
-    label = "w4a16: Triton GEMM dequantizing FP4 weights in the kernel (SM80+)"
+    label = "w4a16: 4-bit weights; Triton decoding in registers for M <= 16, one-pass decode + cuBLAS above (SM80+)"
     priority = 40
     prepares = True
     replaces = ("packed",)  # the split-half codes are the same bytes in another order
