@@ -21,7 +21,7 @@ from _bootstrap import ensure_package  # noqa: E402
 
 ensure_package()
 from comfyui_nvfp4.kernels import preparation, registry  # noqa: E402
-from comfyui_nvfp4.kernels.module import ACTIVE_BACKEND, NVFP4LinearModule  # noqa: E402
+from comfyui_nvfp4.kernels.module import NVFP4LinearModule, active_backend  # noqa: E402
 from comfyui_nvfp4.quant import names  # noqa: E402
 from comfyui_nvfp4.quant.layers import DenseLinear, NVFP4Linear  # noqa: E402
 from comfyui_nvfp4.quant.nvfp4 import NVFP4Weight  # noqa: E402
@@ -92,26 +92,21 @@ def step_inputs(dev):
 
 
 def time_step(model, inputs, backend=None, reps=5):
-    token = ACTIVE_BACKEND.set(backend) if backend else None
-    try:
-        with torch.inference_mode():
+    with active_backend(backend), torch.inference_mode():
+        out = model(**inputs)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
             out = model(**inputs)
+            e.record()
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            times = []
-            for _ in range(reps):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                out = model(**inputs)
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            peak_extra = torch.cuda.max_memory_allocated() - base
-        return sorted(times)[len(times) // 2], peak_extra, out
-    finally:
-        if token is not None:
-            ACTIVE_BACKEND.reset(token)
+            times.append(s.elapsed_time(e))
+        peak_extra = torch.cuda.max_memory_allocated() - base
+    return sorted(times)[len(times) // 2], peak_extra, out
 
 
 def kernel_kind(name: str) -> str:
@@ -129,18 +124,14 @@ def kernel_breakdown(model, inputs, backend) -> str:
     """Sum of CUDA kernel durations by kind for one step (torch.profiler), next to the step's
     wall time: their difference is time the GPU waited for the host."""
     from torch.profiler import ProfilerActivity, profile
-    tok = ACTIVE_BACKEND.set(None if backend == "bf16" else backend)
-    try:
-        with torch.inference_mode():
+    with active_backend(None if backend == "bf16" else backend), torch.inference_mode():
+        model(**inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
             model(**inputs)
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                t0 = time.perf_counter()
-                model(**inputs)
-                torch.cuda.synchronize()
-                wall = (time.perf_counter() - t0) * 1e3
-    finally:
-        ACTIVE_BACKEND.reset(tok)
+            wall = (time.perf_counter() - t0) * 1e3
     kinds: dict[str, float] = {}
     for e in prof.events():
         if e.device_type.name == "CUDA":
@@ -154,9 +145,8 @@ def kernel_breakdown(model, inputs, backend) -> str:
 def graph_step_ms(model, inputs, backend, reps=5):
     """Step time with the whole forward captured in one CUDA graph (no host overhead): the GPU-
     bound floor of the same kernels. Returns None (and says why) where capture fails."""
-    tok = ACTIVE_BACKEND.set(None if backend == "bf16" else backend)
     try:
-        with torch.inference_mode():
+        with active_backend(None if backend == "bf16" else backend), torch.inference_mode():
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -179,8 +169,6 @@ def graph_step_ms(model, inputs, backend, reps=5):
     except Exception as e:  # noqa: BLE001 - report and carry on
         print(f"{backend}: CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}")
         return None
-    finally:
-        ACTIVE_BACKEND.reset(tok)
 
 
 def main():

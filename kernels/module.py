@@ -8,6 +8,7 @@ layouts are parameters too (`prep_<backend>_<name>`), made from the CPU original
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 
 import torch
@@ -20,6 +21,16 @@ from .portable import fp8_dequant_linear
 # The backend of the sampling run in progress (set by the model wrapper); modules fall back
 # to their own `backend` attribute outside such a run.
 ACTIVE_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("nvfp4_backend", default=None)
+
+
+@contextlib.contextmanager
+def active_backend(name: str | None):
+    """Run the enclosed forwards with backend `name` (None: each module's own `backend`)."""
+    token = ACTIVE_BACKEND.set(name)
+    try:
+        yield
+    finally:
+        ACTIVE_BACKEND.reset(token)
 
 _PARAM = dict(requires_grad=False)
 

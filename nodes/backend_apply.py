@@ -8,7 +8,7 @@ import comfy.patcher_extension
 import comfy.utils
 
 from ..kernels import autotune, env_override, preparation, registry
-from ..kernels.module import ACTIVE_BACKEND, NVFP4LinearModule
+from ..kernels.module import NVFP4LinearModule, active_backend
 from . import path_report
 
 log = logging.getLogger("comfyui_nvfp4")
@@ -68,11 +68,10 @@ def make_wrapper(backend_name: str, node_id: str | None):
     def outer_sample(executor, *args, **kwargs):
         dm = executor.class_obj.model_patcher.model.diffusion_model
         path_report.reset_paths(dm)
-        token = ACTIVE_BACKEND.set(backend_name)
         try:
-            return executor(*args, **kwargs)
+            with active_backend(backend_name):
+                return executor(*args, **kwargs)
         finally:
-            ACTIVE_BACKEND.reset(token)
             counts = path_report.path_counts(dm)
             text = f"NVFP4 backend {backend_name}: " + path_report.summary_text(counts)
             log.info(text)

@@ -7,7 +7,7 @@ import torch
 
 from comfyui_nvfp4.kernels import autotune, blackwell, env_override, preparation, registry
 from comfyui_nvfp4.kernels.blackwell_layout import prepare_weight
-from comfyui_nvfp4.kernels.module import ACTIVE_BACKEND, NVFP4LinearModule
+from comfyui_nvfp4.kernels.module import NVFP4LinearModule, active_backend
 from comfyui_nvfp4.quant import nvfp4
 from comfyui_nvfp4.quant.layers import NVFP4Linear
 from readback import ReadbackOps
@@ -91,15 +91,12 @@ def test_auto_on_cpu_is_dequant_without_timing(monkeypatch, tmp_path):
 def test_module_auto_dispatch_uses_its_own_choice():
     m = mod()
     x = torch.randn(3, 64)
-    token = ACTIVE_BACKEND.set("auto")
-    try:
+    with active_backend("auto"):
         with pytest.raises(RuntimeError, match="has not chosen"):
             m(x)
         m.auto_choice = "emulate"
         m(x)
         assert m.last_path == "emulate"
-    finally:
-        ACTIVE_BACKEND.reset(token)
 
 
 def test_preparation_self_check_passes_good_layouts_and_reports_cost():
@@ -157,11 +154,8 @@ def test_fp8_layers_of_mixed_files_run_under_every_choice():
     x = torch.randn(4, 64)
     ref = x @ m.canonical().dequantize().t()
     for choice in ("auto", "dequant", "emulate", "cutlass"):
-        token = ACTIVE_BACKEND.set(choice)
-        try:
+        with active_backend(choice):
             y = m(x)
-        finally:
-            ACTIVE_BACKEND.reset(token)
         assert m.last_path == "fp8-dequant", choice
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
 

@@ -41,7 +41,7 @@ def sample(dm, arch, steps=3, seed=0):
 @pytest.mark.parametrize("backend", ["cutlass", "trtllm"])
 def test_mm_fp4_readback_sampling_equals_emulate(comfy, tmp_path, arch, backend):
     from comfyui_nvfp4.kernels import blackwell, preparation, registry
-    from comfyui_nvfp4.kernels.module import ACTIVE_BACKEND
+    from comfyui_nvfp4.kernels.module import active_backend
     from comfyui_nvfp4.nodes.comfy_loading import load_nvfp4_model
     from comfyui_nvfp4.nodes.path_report import linear_modules, path_counts
 
@@ -54,21 +54,15 @@ def test_mm_fp4_readback_sampling_equals_emulate(comfy, tmp_path, arch, backend)
         info = preparation.prepare_modules(linear_modules(dm), registry.get(backend), torch.device("cpu"),
                                            self_check=True)
         assert info["self_check_min_cosine"] > 0.98
-        token = ACTIVE_BACKEND.set(backend)
-        try:
+        with active_backend(backend):
             got = sample(dm, arch)
             got1 = sample(dm, arch, steps=1)
-        finally:
-            ACTIVE_BACKEND.reset(token)
     assert path_counts(dm)[backend] == info["prepared_layers"] > 0
     out = {}
     for name in ("emulate", "dequant"):
-        token = ACTIVE_BACKEND.set(name)
-        try:
+        with active_backend(name):
             out[name] = sample(dm, arch)
             out[name + "1"] = sample(dm, arch, steps=1)
-        finally:
-            ACTIVE_BACKEND.reset(token)
 
     def rel(a, b):
         return float((a - b).norm() / b.norm())
