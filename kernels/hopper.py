@@ -24,7 +24,6 @@ from .transfer import to_device
 
 log = logging.getLogger("comfyui_nvfp4")
 FP8_MAX = 448.0
-SMALL_M_MAX = 16  # M up to this runs the weight-streaming kernels
 # cuBLASLt rejects some rowwise-scaled FP8 GEMMs with CUBLAS_STATUS_NOT_SUPPORTED (H100, torch
 # 2.11 + CUDA 13): M = 17..32 with K = 12288 / 15360 and N = 3072, which runs from M = 64 (such
 # M are padded), and in tests/gpu smaller N (512 / 1024) at those K even padded. Shapes it
@@ -34,10 +33,12 @@ SCALED_MM_MIN_M = 64
 _SCALED_MM_REJECTED: set[tuple[int, int, int]] = set()
 
 
-def _cuda_cc(device) -> tuple[int, int] | None:
+def _cuda_cc_below(device, minimum: tuple[int, int], no_gpu: str, too_old: str) -> str | None:
+    """Why `device` is not a CUDA GPU of compute capability >= minimum (None when it is)."""
     if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability(device)
+        return no_gpu
+    cc = torch.cuda.get_device_capability(device)
+    return f"{too_old}, this GPU is {cc[0]}.{cc[1]}" if cc < minimum else None
 
 
 def _triton_ok() -> tuple[bool, str]:
@@ -91,11 +92,10 @@ class FP8Backend(Backend):
     fast_accum = True
 
     def capability(self, device):
-        cc = _cuda_cc(device)
-        if cc is None:
-            return False, "needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or 9.x)"
-        if cc < (8, 9):
-            return False, f"FP8 tensor cores need compute capability 8.9+, this GPU is {cc[0]}.{cc[1]}"
+        why = _cuda_cc_below(device, (8, 9), "needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 or 9.x)",
+                             "FP8 tensor cores need compute capability 8.9+")
+        if why:
+            return False, why
         if not hasattr(torch, "_scaled_mm"):
             return False, "this PyTorch has no torch._scaled_mm"
         return _triton_ok()
@@ -120,17 +120,17 @@ class FP8Backend(Backend):
         return {"w": q, "ws": scale}
 
     def run(self, module, x):
-        from .triton_fp8 import small_m_gemm
+        from . import triton_fp8
         x2 = x.reshape(-1, x.shape[-1])
         w = module.prep(self.name, "w", x.device)
         ws = module.prep(self.name, "ws", x.device)
         b = bias_of(module, x)
         out_dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
         b = None if b is None else b.to(out_dtype)
-        if x2.shape[0] <= SMALL_M_MAX:
+        if x2.shape[0] <= triton_fp8.SMALL_M_MAX:
             # cuBLAS's FP8 GEMM is slow at small M (0.19 ms vs bf16's 0.05 at M=1 on 3072x18432,
             # H100): stream the same FP8 weights once (bf16 activations, no quantization).
-            y = small_m_gemm(x2, w, ws, b, out_dtype)
+            y = triton_fp8.small_m_gemm(x2, w, ws, b, out_dtype)
             module.last_path = "fp8-gemv"
         else:
             y = self._scaled_mm(x2, w, ws, b, out_dtype)
@@ -174,12 +174,9 @@ class W4A16Backend(Backend):
     replaces = ("packed",)  # the split-half codes are the same bytes in another order
 
     def capability(self, device):
-        cc = _cuda_cc(device)
-        if cc is None:
-            return False, "needs a CUDA GPU (compute capability 8.0+)"
-        if cc < (8, 0):
-            return False, f"needs compute capability 8.0+ (bf16 tensor cores), this GPU is {cc[0]}.{cc[1]}"
-        return _triton_ok()
+        why = _cuda_cc_below(device, (8, 0), "needs a CUDA GPU (compute capability 8.0+)",
+                             "needs compute capability 8.0+ (bf16 tensor cores)")
+        return (False, why) if why else _triton_ok()
 
     def prepare(self, module):
         """The split-half nibble order (same bytes as canonical, replaces it on the GPU).

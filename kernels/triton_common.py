@@ -10,8 +10,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-E2M1_FP16_BIAS = 16384.0  # 2^14
-
 
 @triton.jit
 def fp4_pair(byte):

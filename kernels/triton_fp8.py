@@ -16,9 +16,7 @@ import triton.language as tl
 
 from .triton_common import e4m3_scale, fp4_pair, launch, row_tile
 
-FP8_MAX = 448.0
-SMALL_M_MAX = 16
-N_CANDIDATES = 8  # scale candidates amax/448 * (1 - i/16), i < 8: see hopper.SCALE_CANDIDATES
+SMALL_M_MAX = 16  # M up to this runs small_m_gemm
 
 
 @triton.jit
@@ -149,7 +147,7 @@ def _nvfp4_to_fp8_kernel(w_ptr, s_ptr, gs_ptr, q_ptr, qs_ptr, half_k, stride_wn,
         amax = tl.maximum(amax, tl.maximum(tl.abs(lo), tl.abs(hi)))
     amax_row = tl.max(amax, axis=0)
     base = tl.where(amax_row > 0, tl.math.div_rn(amax_row, 448.0), 1.0)
-    ratio = 1.0 - tl.arange(0, 8).to(tl.float32) * 0.0625  # exact: k/16
+    ratio = 1.0 - tl.arange(0, 8).to(tl.float32) * 0.0625  # hopper.SCALE_CANDIDATES, exactly
     cand = base * ratio  # [8], the fp32 products torch forms
     err = tl.zeros((8,), dtype=tl.float32)
     for c0 in range(0, half_k, BB):
