@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from .portable import bias_of
+from .portable import bias_of, dequant_fp8
 from .registry import Backend, register
 from .transfer import to_device
 
@@ -135,8 +135,7 @@ class FP8Backend(Backend):
         else:
             y = self._scaled_mm(x2, w, ws, b, out_dtype)
             if y is None:
-                wd = (w.to(out_dtype) * ws.to(out_dtype)[:, None])
-                y = torch.nn.functional.linear(x2.to(out_dtype), wd, b)
+                y = torch.nn.functional.linear(x2.to(out_dtype), dequant_fp8(w, ws, out_dtype), b)
                 module.last_path = "fp8-dq"
             else:
                 module.last_path = self.name

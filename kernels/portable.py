@@ -13,9 +13,14 @@ def bias_of(module, x: torch.Tensor) -> torch.Tensor | None:
     return None if b is None else b.to(x.dtype)
 
 
+def dequant_fp8(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 weight [N, K] times its per-tensor (scalar) or per-channel ([N]) scale, in `dtype`."""
+    return w8.to(dtype) * scale.to(dtype).reshape(-1, 1)
+
+
 def fp8_dequant_linear(module, x: torch.Tensor) -> torch.Tensor:
     """FP8 layers of "mixed" files: per-tensor dequantize in the compute dtype, whatever the backend."""
-    w = module.t("weight", x.device).to(x.dtype) * module.t("weight_scale", x.device).to(x.dtype)
+    w = dequant_fp8(module.t("weight", x.device), module.t("weight_scale", x.device), x.dtype)
     module.last_path = "fp8-dequant"
     return F.linear(x, w, bias_of(module, x))
 
