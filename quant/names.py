@@ -52,9 +52,6 @@ class NameMap:
     linears: dict[str, LinearSpec] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)  # BFL key -> diffusers key
 
-    def linear_names(self) -> list[str]:
-        return list(self.linears)
-
 
 def _double_block(arch: str, i: int) -> tuple[list[LinearSpec], dict[str, str]]:
     b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."

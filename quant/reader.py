@@ -410,10 +410,6 @@ class Checkpoint:
     def load_param(self, key: str) -> torch.Tensor:
         return self.store.get(self.params[key])
 
-    def iter_layers(self):
-        for name in self.layers:
-            yield name, self.load_linear(name)
-
     def is_excluded_by_config(self, name: str) -> bool:
         if not self.quant or not self.quant.exclude:
             return False

@@ -33,9 +33,10 @@ def dequantized_reference(src, out, dtype=torch.float32):
     every weight once more than the dequant path (which dequantizes in the compute dtype, fp32
     on the CPU) and add about 1e-3 of difference by itself."""
     ck = Checkpoint(src)
-    layers = [(n, DenseLinear(ck.load_linear(n).dequantize(dtype),
-                              None if ck.load_linear(n).bias is None else ck.load_linear(n).bias.to(dtype)))
-              for n in ck.layers]
+    layers = []
+    for n in ck.layers:
+        layer = ck.load_linear(n)  # read once
+        layers.append((n, DenseLinear(layer.dequantize(dtype), None if layer.bias is None else layer.bias.to(dtype))))
     params = {k: ck.load_param(k) for k in ck.params}
     write_checkpoint(out, ck.architecture, layers, params, flavour="bf16", naming=names.BFL, overwrite=True)
 
