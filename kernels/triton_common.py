@@ -32,8 +32,8 @@ def row_tile(m: int) -> int:
 
 
 def launch(kernel, grid, args, kwargs, config: dict | None = None):
-    """Run an autotuned kernel, or one of its configs by hand (`config`: the config's kwargs;
-    tests use it to run every config, also under TRITON_INTERPRET=1 where nothing is timed)."""
+    """Run an autotuned kernel, or one of its configs by hand (`config`: one of configs_for's
+    dicts; tests use it to run every config, also under TRITON_INTERPRET=1 where nothing is timed)."""
     if config is None:
         kernel[grid](*args, **kwargs)
     else:
@@ -41,6 +41,7 @@ def launch(kernel, grid, args, kwargs, config: dict | None = None):
 
 
 def configs_for(kernel, **key) -> list[dict]:
-    """The configs the autotuner would time for these constexpr values (after pruning)."""
+    """The configs the autotuner would time for these constexpr values (after pruning), each as
+    its constexprs plus its num_warps and num_stages (launch options a kernel call takes too)."""
     pruned = kernel.early_config_prune(kernel.configs, {}, **key) if kernel.early_config_prune else kernel.configs
-    return [c.kwargs for c in pruned]
+    return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in pruned]
