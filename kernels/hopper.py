@@ -170,7 +170,7 @@ class W4A16Backend(Backend):
     label = "w4a16: 4-bit weights; Triton decoding in registers for M <= 16, one-pass decode + cuBLAS above (SM80+)"
     priority = 40
     prepares = True
-    replaces = ("packed",)  # the split-half codes are the same bytes in another order
+    replaces = ("packed",)  # the w4a16-layout codes are the same bytes in another order
 
     def capability(self, device):
         why = _cuda_cc_below(device, (8, 0), "needs a CUDA GPU (compute capability 8.0+)",
@@ -178,22 +178,23 @@ class W4A16Backend(Backend):
         return (False, why) if why else _triton_ok()
 
     def prepare(self, module):
-        """The split-half nibble order (same bytes as canonical, replaces it on the GPU).
-        Layers whose K is not a multiple of 128 get nothing and run `dequant` (reported)."""
-        from .w4a16_layout import split_half_pack
-        if module.in_features % 128:
+        """The w4a16 nibble order (same bytes as canonical, replaces it on the GPU).
+        Layers whose K is not a multiple of 32 get nothing and run `dequant` (reported)."""
+        from .w4a16_layout import CHUNK, w4a16_pack
+        if module.in_features % CHUNK:
             return {}
-        return {f"w{i}": split_half_pack(p.packed) for i, p in enumerate(module.stored_parts())}
+        return {f"w{i}": w4a16_pack(p.packed) for i, p in enumerate(module.stored_parts())}
 
     def run(self, module, x):
-        if module.in_features % 128:
+        from .w4a16_layout import CHUNK
+        if module.in_features % CHUNK:
             from .portable import DEQUANT
             return DEQUANT.run(module, x)
         from . import triton_w4a16
         x2 = x.reshape(-1, x.shape[-1])
         b = bias_of(module, x)
         dev = x.device
-        # the split-half codes stand in for the canonical ones; the scales are read as they are
+        # the w4a16-layout codes stand in for the canonical ones; the scales are read as they are
         parts = [(module.prep(self.name, f"w{i}", dev), module.t(f"scale_{i}", dev), module.t(f"gscale_{i}", dev))
                  for i in range(module.n_parts)]
         if x2.shape[0] <= triton_w4a16.SMALL_M_MAX:

@@ -1,9 +1,15 @@
-"""w4a16 Triton kernels over the split-half layout (see w4a16_layout: byte j of each 128-wide K
-block holds elements j and j + 64, so a byte's two nibbles feed two 64-wide K halves).
+"""w4a16 Triton kernels over the w4a16 layout (w4a16_layout): per row, 32-element chunks of four
+32-bit words; nibble i of word w is element 4i + w of the chunk's scale group A (i < 4) or
+element 4(i - 4) + w of its group B (i >= 4).
 
+Decoding: `lane_pair` turns nibbles i and i + 4 of a word into two fp16 bit patterns with one
+shift-and-mask per field (both halves of the word at once): ~2.5 integer ops per weight instead
+of ~6 for a byte at a time; then a plain fp16 -> fp32 conversion.
 small-M (M <= SMALL_M_MAX, e.g. the M=1 modulation GEMMs): y = x @ dequant(W).T + bias with the
-  weight read once as 4-bit codes + e4m3 scales and decoded in registers. Memory-bound work: the
-  kernel streams 0.56 bytes per weight instead of bf16's 2.
+  weight read once as 4-bit codes + e4m3 scales (0.56 bytes per weight instead of bf16's 2):
+  fp32 FMAs for a few rows (a group's 16 products summed in registers, scaled once), tensor
+  cores (rows padded to 16) for more. Split along K (fp32 partial sums added atomically) when
+  N alone gives too few programs to fill the GPU.
 decode: the layer's weight decoded to a transient bf16/fp16 [N, K] buffer in one pass (read
   0.56 B, write 2 B per weight), for cuBLAS to multiply at large M where the GEMM is
   compute-bound and a decoding GEMM loses (the in-kernel decode measured 0.27x bf16 at M=4096).
@@ -14,162 +20,231 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import e4m3_scale, fp4_pair, launch, row_tile
-from .w4a16_layout import KBLOCK
+from .triton_common import e4m3_scale, row_tile
+from .w4a16_layout import CHUNK
 
 SMALL_M_MAX = 16
+FMA_M_MAX = 4  # above this many rows the FMA tiles lose to tensor cores
 
 
 @triton.jit
-def _load_block(w_ptr, s_ptr, offs_n, n_mask, kb, stride_wn, stride_sn, BN: tl.constexpr):
-    """One 128-wide K block of BN rows -> (low half, high half) as fp32 [BN, 64] e2m1 * e4m3."""
-    g = tl.arange(0, 4)
-    i = tl.arange(0, 16)
-    byte = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + kb * 64 + g[None, :, None] * 16 + i[None, None, :],
-                   mask=n_mask[:, None, None], other=0).to(tl.int32)
-    s_row = s_ptr + offs_n[:, None] * stride_sn + kb * 8 + g[None, :]
-    s_lo = e4m3_scale(tl.load(s_row, mask=n_mask[:, None], other=0))
-    s_hi = e4m3_scale(tl.load(s_row + 4, mask=n_mask[:, None], other=0))
-    v_lo, v_hi = fp4_pair(byte)
-    return (tl.reshape(v_lo * s_lo[:, :, None], (BN, 64)), tl.reshape(v_hi * s_hi[:, :, None], (BN, 64)))
+def lane_pair(word, I: tl.constexpr):
+    """uint32 words -> (nibble I, nibble I + 4) as fp32 e2m1 * 2^-14, exact.
+
+    fp16 bits of e2m1 * 2^-14: sign at bit 15, the 3 exponent/mantissa bits at 11..9 (the e=0
+    codes land on fp16 subnormals, which fp16 -> fp32 keeps). Nibble I sits at bits 4I..4I+3
+    and nibble I + 4 sixteen bits higher, so one shift places both halves."""
+    if I == 3:
+        mag = (word >> 3) & 0x0E000E00
+    else:
+        mag = (word << (9 - 4 * I)) & 0x0E000E00
+    bits = mag | ((word << (12 - 4 * I)) & 0x80008000)
+    lo = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (bits >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
-def _decode_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, stride_wn, stride_sn, stride_on, BN: tl.constexpr):
-    pid_n = tl.program_id(0)
-    kb = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    n_mask = offs_n < N
-    gs = tl.load(gs_ptr)
-    lo, hi = _load_block(w_ptr, s_ptr, offs_n, n_mask, kb, stride_wn, stride_sn, BN)
-    h = tl.arange(0, 64)
-    dst = out_ptr + offs_n[:, None] * stride_on + kb * 128 + h[None, :]
-    ty = out_ptr.dtype.element_ty
+def chunk_values(word, s_a, s_b):
+    """[BN, G, 4] words (G chunks) and their [BN, G] group scales (e4m3 * 2^14) -> the chunks'
+    e2m1 * e4m3 values, exact, as [BN, G * 32] in K order.
+
+    Nibble I of word w is element 4I + w of group A and nibble I + 4 element 4I + w of group B:
+    the four lane pairs are joined into [BN, G, w, I % 2, I // 2, group] and permuted to
+    [BN, G, group, I // 2, I % 2, w], which is K order."""
+    a0, b0 = lane_pair(word, 0)
+    a1, b1 = lane_pair(word, 1)
+    a2, b2 = lane_pair(word, 2)
+    a3, b3 = lane_pair(word, 3)
+    sa = s_a[:, :, None]
+    sb = s_b[:, :, None]
+    ga = tl.join(tl.join(a0 * sa, a1 * sa), tl.join(a2 * sa, a3 * sa))
+    gb = tl.join(tl.join(b0 * sb, b1 * sb), tl.join(b2 * sb, b3 * sb))
+    v = tl.permute(tl.join(ga, gb), (0, 1, 5, 4, 3, 2))
+    return tl.reshape(v, (word.shape[0], word.shape[1] * 32))
+
+
+@triton.jit
+def _decode_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, n_chunks, stride_wn, stride_sn, stride_on,
+                   BN: tl.constexpr, CB: tl.constexpr):
+    """Program (n, b): BN rows x CB chunks, written as contiguous rows of CB * 32 elements."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    g = tl.arange(0, CB)
+    c = tl.program_id(1) * CB + g
+    c_ok = n_ok[:, None] & (c < n_chunks)[None, :]
+    word = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + c[None, :, None] * 4 + tl.arange(0, 4)[None, None, :],
+                   mask=c_ok[:, :, None], other=0).to(tl.uint32, bitcast=True)
+    s_row = s_ptr + offs_n[:, None] * stride_sn + 2 * c[None, :]
+    v = chunk_values(word, e4m3_scale(tl.load(s_row, mask=c_ok, other=0)),
+                     e4m3_scale(tl.load(s_row + 1, mask=c_ok, other=0)))
     # (e2m1 * e4m3) * weight_scale_2, rounded once: the same value as nvfp4.dequantize
-    tl.store(dst, (lo * gs).to(ty), mask=n_mask[:, None])
-    tl.store(dst + 64, (hi * gs).to(ty), mask=n_mask[:, None])
+    v = (v * tl.load(gs_ptr)).to(out_ptr.dtype.element_ty)
+    e = tl.program_id(1) * CB * 32 + tl.arange(0, CB * 32)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + e[None, :], v, mask=n_ok[:, None] & (e < n_chunks * 32)[None, :])
 
 
-def decode(split_packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+def _words(packed_w4a16: torch.Tensor) -> torch.Tensor:
+    return packed_w4a16.view(torch.int32)
+
+
+def decode(packed_w4a16: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
            out: torch.Tensor) -> torch.Tensor:
     """Write dequant(W) into out [N, K] (bf16/fp16/fp32, contiguous columns, any row stride)."""
-    n, half_k = split_packed.shape
+    n, half_k = packed_w4a16.shape
     k = half_k * 2
-    if k % KBLOCK or out.shape != (n, k) or out.stride(1) != 1:
-        raise ValueError(f"decode: need K % {KBLOCK} == 0 and out {n}x{k} with contiguous rows, "
+    if k % CHUNK or out.shape != (n, k) or out.stride(1) != 1:
+        raise ValueError(f"decode: need K % {CHUNK} == 0 and out {n}x{k} with contiguous rows, "
                          f"got K={k}, out {tuple(out.shape)}")
-    bn = 32
-    _decode_kernel[(triton.cdiv(n, bn), k // KBLOCK)](
-        split_packed, scale.view(torch.uint8), global_scale.reshape(1).float(), out, n,
-        split_packed.stride(0), scale.stride(0), out.stride(0), BN=bn, num_warps=4)
+    words = _words(packed_w4a16)
+    bn, cb = 32, 4  # a program writes 32 rows x 128 elements
+    _decode_kernel[(triton.cdiv(n, bn), triton.cdiv(k // CHUNK, cb))](
+        words, scale.view(torch.uint8), global_scale.reshape(1).float(), out, n, k // CHUNK,
+        words.stride(0), scale.stride(0), out.stride(0), BN=bn, CB=cb, num_warps=4)
     return out
 
 
-def _small_configs():
-    # U: 128-wide K blocks per loop iteration. Nothing pipelines these loads (they feed FMAs,
-    # not tl.dot), so the bytes in flight per SM come from the tile: U blocks at once.
-    return [triton.Config({"BN": bn, "U": u, "DOT": dot}, num_warps=w, num_stages=s)
-            for bn, u, dot, w, s in [(16, 4, False, 4, 1), (32, 2, False, 4, 1), (32, 4, False, 4, 1),
-                                     (64, 2, False, 8, 1), (16, 2, True, 4, 3), (32, 2, True, 4, 3),
-                                     (64, 1, True, 4, 3), (32, 4, True, 8, 3)]]
+# Every small-M tile the kernel has (G: chunks of 32 K elements per loop iteration; num_stages > 1
+# lets Triton prefetch the next iteration's words while this one decodes). Tests run them all;
+# choose() picks one per shape.
+FMA_CONFIGS = [dict(BN=bn, G=g, DOT=False, num_warps=w, num_stages=st)
+               for bn, g, w, st in [(8, 8, 2, 3), (8, 16, 2, 3), (16, 8, 4, 3), (16, 16, 4, 3), (32, 8, 4, 3),
+                                    (16, 8, 4, 1), (32, 16, 8, 3)]]
+DOT_CONFIGS = [dict(BN=bn, G=g, DOT=True, num_warps=w, num_stages=st)
+               for bn, g, w, st in [(32, 4, 4, 3), (64, 4, 4, 3), (32, 2, 4, 3), (64, 2, 4, 3), (32, 4, 4, 4),
+                                    (16, 4, 4, 3)]]
 
 
-def _prune_small(configs, named_args, **kwargs):
-    mp = kwargs.get("MP", named_args.get("MP"))
-    # FMA tiles are only worth it for a few rows; tensor-core tiles pad the rows to 16
-    return [c for c in configs if c.kwargs["DOT"] or mp <= 4]
+def configs_for(m: int) -> list[dict]:
+    """The tiles that can run M rows (FMA tiles hold the rows in registers: M <= FMA_M_MAX)."""
+    return (FMA_CONFIGS if m <= FMA_M_MAX else []) + DOT_CONFIGS
 
 
 @triton.jit
-def _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn,
-                 MP: tl.constexpr, BN: tl.constexpr, U: tl.constexpr):
-    """fp32 FMAs on [BN, 4U groups, 16] tiles: no reshape, and the block scale multiplies each
-    group's 16-element partial sum instead of every weight."""
+def _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, c_lo, c_hi, stride_am, stride_wn, stride_sn,
+                 MP: tl.constexpr, BN: tl.constexpr, G: tl.constexpr):
+    """fp32 FMAs on [rows, BN, G chunks, 4 words] tiles: a thread holds whole chunks, so each
+    group's 16 products are summed in its registers and scaled once."""
     rows = tl.arange(0, MP)
-    g = tl.arange(0, 4 * U)  # group g: block g // 4, 16-byte group g % 4 of that block
-    i = tl.arange(0, 16)
-    n_blocks = K // 128
-    acc = tl.zeros((MP, BN), dtype=tl.float32)
-    for kb in range(0, n_blocks, U):
-        g_ok = (kb + g // 4) < n_blocks
-        byte = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + kb * 64 + g[None, :, None] * 16 + i[None, None, :],
-                       mask=n_mask[:, None, None] & g_ok[None, :, None], other=0).to(tl.int32)
-        s_row = s_ptr + offs_n[:, None] * stride_sn + (kb + g[None, :] // 4) * 8 + g[None, :] % 4
-        s_lo = e4m3_scale(tl.load(s_row, mask=n_mask[:, None] & g_ok[None, :], other=0))
-        s_hi = e4m3_scale(tl.load(s_row + 4, mask=n_mask[:, None] & g_ok[None, :], other=0))
-        v_lo, v_hi = fp4_pair(byte)
-        x_off = (kb + g[:, None] // 4) * 128 + (g[:, None] % 4) * 16 + i[None, :]  # low-nibble elements
-        for r in tl.static_range(MP):
-            r_ok = ((tl.zeros((4 * U, 16), dtype=tl.int32) + r) < M) & g_ok[:, None]
-            x_lo = tl.load(a_ptr + r * stride_am + x_off, mask=r_ok, other=0.0).to(tl.float32)
-            x_hi = tl.load(a_ptr + r * stride_am + x_off + 64, mask=r_ok, other=0.0).to(tl.float32)
-            part = (tl.sum(tl.sum(v_lo * x_lo[None, :, :], axis=2) * s_lo, axis=1)
-                    + tl.sum(tl.sum(v_hi * x_hi[None, :, :], axis=2) * s_hi, axis=1))
-            acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
-    return acc, rows
+    g = tl.arange(0, G)
+    t = tl.arange(0, 4)
+    acc = tl.zeros((MP, BN, G), dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, G):
+        c = c0 + g
+        c_ok = c < c_hi
+        word = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + c[None, :, None] * 4 + t[None, None, :],
+                       mask=n_mask[:, None, None] & c_ok[None, :, None], other=0).to(tl.uint32, bitcast=True)
+        # activations addressed over the whole [rows, BN, G, 4] tile (offs_n * 0): each thread
+        # loads the values it multiplies (L1 hits) instead of a broadcast through shared memory
+        x = (a_ptr + rows[:, None, None, None] * stride_am + offs_n[None, :, None, None] * 0
+             + c[None, None, :, None] * 32 + t[None, None, None, :])
+        x_ok = (rows[:, None, None, None] < M) & c_ok[None, None, :, None]
+        part_a = tl.zeros((MP, BN, G, 4), dtype=tl.float32)
+        part_b = tl.zeros((MP, BN, G, 4), dtype=tl.float32)
+        for i in tl.static_range(4):
+            a, b = lane_pair(word, i)
+            part_a += a[None, :, :, :] * tl.load(x + 4 * i, mask=x_ok, other=0.0).to(tl.float32)
+            part_b += b[None, :, :, :] * tl.load(x + 16 + 4 * i, mask=x_ok, other=0.0).to(tl.float32)
+        s_row = s_ptr + offs_n[:, None] * stride_sn + 2 * c[None, :]
+        s_ok = n_mask[:, None] & c_ok[None, :]
+        acc += (tl.sum(part_a, axis=3) * e4m3_scale(tl.load(s_row, mask=s_ok, other=0))[None, :, :]
+                + tl.sum(part_b, axis=3) * e4m3_scale(tl.load(s_row + 1, mask=s_ok, other=0))[None, :, :])
+    return tl.sum(acc, axis=2), rows
 
 
 @triton.jit
-def _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn,
-                 BN: tl.constexpr, U: tl.constexpr):
-    """Tensor cores, one 16-wide scale group at a time (rows padded to 16): each group's
-    [16, 16] x [16, BN] product is scaled per output channel as it is accumulated (the same
-    16 x BN multiplies as scaling the weights, and no reshape)."""
+def _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, c_lo, c_hi, stride_am, stride_wn, stride_sn,
+                 BN: tl.constexpr, G: tl.constexpr):
+    """Tensor cores, rows padded to 16: per iteration one [16, 32G] x [32G, BN] product over G
+    chunks decoded to K order and scaled (e2m1 * e4m3 is exact in bf16)."""
     rows = tl.arange(0, 16)
-    r_mask = rows < M
-    i = tl.arange(0, 16)
-    n_blocks = K // 128
+    r_ok = rows < M
+    g = tl.arange(0, G)
+    e = tl.arange(0, 32 * G)
     acc = tl.zeros((16, BN), dtype=tl.float32)
-    for kb0 in range(0, n_blocks, U):
-        for u in tl.static_range(U):
-            kb = kb0 + u
-            ok = kb < n_blocks
-            for g in tl.static_range(4):
-                byte = tl.load(w_ptr + offs_n[:, None] * stride_wn + kb * 64 + g * 16 + i[None, :],
-                               mask=n_mask[:, None] & ok, other=0).to(tl.int32)
-                s_lo = e4m3_scale(tl.load(s_ptr + offs_n * stride_sn + kb * 8 + g, mask=n_mask & ok, other=0))
-                s_hi = e4m3_scale(tl.load(s_ptr + offs_n * stride_sn + kb * 8 + 4 + g, mask=n_mask & ok, other=0))
-                v_lo, v_hi = fp4_pair(byte)  # e2m1 * 2^-14: exact in bf16
-                x_row = a_ptr + rows[:, None] * stride_am + kb * 128 + g * 16 + i[None, :]
-                x_lo = tl.load(x_row, mask=r_mask[:, None] & ok, other=0.0)
-                x_hi = tl.load(x_row + 64, mask=r_mask[:, None] & ok, other=0.0)
-                acc += tl.dot(x_lo, tl.trans(v_lo.to(tl.bfloat16))) * s_lo[None, :]
-                acc += tl.dot(x_hi, tl.trans(v_hi.to(tl.bfloat16))) * s_hi[None, :]
+    for c0 in range(c_lo, c_hi, G):
+        c = c0 + g
+        c_ok = n_mask[:, None] & (c < c_hi)[None, :]
+        word = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + c[None, :, None] * 4 + tl.arange(0, 4)[None, None, :],
+                       mask=c_ok[:, :, None], other=0).to(tl.uint32, bitcast=True)
+        s_row = s_ptr + offs_n[:, None] * stride_sn + 2 * c[None, :]
+        w = chunk_values(word, e4m3_scale(tl.load(s_row, mask=c_ok, other=0)),
+                         e4m3_scale(tl.load(s_row + 1, mask=c_ok, other=0)))
+        x = tl.load(a_ptr + rows[:, None] * stride_am + c0 * 32 + e[None, :],
+                    mask=r_ok[:, None] & (c0 * 32 + e < c_hi * 32)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w.to(tl.bfloat16)), acc)
     return acc, rows
 
 
-@triton.autotune(configs=_small_configs(), key=["N", "K", "MP"], prune_configs_by={"early_config_prune": _prune_small})
 @triton.jit
 def _small_m_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_sn,
-                    stride_cm, HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
-                    DOT: tl.constexpr):
-    """Each program owns BN output channels and streams their 4-bit weights once."""
-    pid = tl.program_id(0)
-    offs_n = pid * BN + tl.arange(0, BN)
+                    stride_cm, HAS_BIAS: tl.constexpr, MP: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                    G: tl.constexpr, DOT: tl.constexpr):
+    """Program (n, s) owns BN output channels and the s-th of SPLIT K ranges, and streams those
+    4-bit weights once. SPLIT > 1 adds fp32 partial sums atomically into a zeroed c."""
+    pid_k = tl.program_id(1)
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_mask = offs_n < N
+    n_chunks = K // 32
+    per = tl.cdiv(n_chunks, SPLIT)
+    c_lo = pid_k * per
+    c_hi = tl.minimum(c_lo + per, n_chunks)
     if DOT:
-        acc, rows = _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn, BN, U)
+        acc, rows = _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, c_lo, c_hi, stride_am, stride_wn,
+                                 stride_sn, BN, G)
     else:
-        acc, rows = _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, K, stride_am, stride_wn, stride_sn, MP, BN,
-                                 U)
+        acc, rows = _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, c_lo, c_hi, stride_am, stride_wn,
+                                 stride_sn, MP, BN, G)
     acc = acc * tl.load(gs_ptr)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & n_mask[None, :])
+        b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, b, 0.0)[None, :]  # once, by the first K range
+    dst = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
+    ok = (rows[:, None] < M) & n_mask[None, :]
+    if SPLIT == 1:
+        tl.store(dst, acc.to(c_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(dst, acc, mask=ok)
 
 
-def small_m_gemm(x2d: torch.Tensor, split_packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
-                 bias: torch.Tensor | None, out: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """out[M, N] (contiguous columns, any row stride) = x2d @ dequant(W).T + bias, M <= 16."""
+def split_for(n: int, k: int, sms: int) -> int:
+    """K ranges per output tile: enough programs for ~2 per SM at the widest tile (BN=64) when N
+    alone gives fewer, each range keeping at least 64 chunks (2048 K elements; on the H100 a
+    split of K=3072 lost to one range, one of K=12288 into 5 won 1.4x)."""
+    return max(1, min(2 * sms // triton.cdiv(n, 64), k // CHUNK // 64, 8))
+
+
+def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
+    """The tile and K split for this shape, fixed from H100 timings of every tile (BENCHMARKS.md)
+    rather than by Triton's autotuner: for these few-microsecond kernels its picks differed
+    between runs on the same card (1.5-3x apart), and its per-call bookkeeping costs host time."""
+    if m <= FMA_M_MAX:
+        tile = dict(BN=16, G=16, DOT=False, num_warps=4, num_stages=3)
+    else:
+        tile = dict(BN=32 if n <= 4096 else 64, G=4, DOT=True, num_warps=4, num_stages=3)
+    return tile, split_for(n, k, sms)
+
+
+def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                 bias: torch.Tensor | None, out: torch.Tensor, config: dict | None = None,
+                 split: int | None = None) -> torch.Tensor:
+    """out[M, N] (contiguous columns, any row stride) = x2d @ dequant(W).T + bias, M <= 16.
+    config/split: one of configs_for(M) and a K split (tests, benchmarks); default: choose()."""
     m, k = x2d.shape
-    n = split_packed.shape[0]
-    if k % KBLOCK or m > SMALL_M_MAX:
-        raise ValueError(f"small_m_gemm: need K % {KBLOCK} == 0 and M <= {SMALL_M_MAX}, got M={m}, K={k}")
+    n = packed_w4a16.shape[0]
+    if k % CHUNK or m > SMALL_M_MAX:
+        raise ValueError(f"small_m_gemm: need K % {CHUNK} == 0 and M <= {SMALL_M_MAX}, got M={m}, K={k}")
+    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count if x2d.is_cuda else 1
+    picked, picked_split = choose(m, n, k, sms)
+    config = picked if config is None else config
+    split = picked_split if split is None else split
     x2d = x2d.to(torch.bfloat16).contiguous()
-    grid = lambda meta: (triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    launch(_small_m_kernel, grid, (x2d, split_packed, scale.view(torch.uint8), global_scale.reshape(1).float(),
-                                   bias if bias is not None else x2d, out, m, n, k, x2d.stride(0),
-                                   split_packed.stride(0), scale.stride(0), out.stride(0)),
-           dict(HAS_BIAS=bias is not None, MP=row_tile(m)), config)
+    words = _words(packed_w4a16)
+    target = out if split == 1 else torch.zeros((m, n), device=out.device, dtype=torch.float32)
+    _small_m_kernel[(triton.cdiv(n, config["BN"]), split)](
+        x2d, words, scale.view(torch.uint8), global_scale.reshape(1).float(), bias if bias is not None else x2d,
+        target, m, n, k, x2d.stride(0), words.stride(0), scale.stride(0), target.stride(0),
+        HAS_BIAS=bias is not None, MP=row_tile(m), SPLIT=split, **config)
+    if target is not out:
+        out.copy_(target)
     return out

@@ -1,24 +1,34 @@
 """CPU-side logic of the GPU backends: prepared layouts read back independently, registry rules."""
 import numpy as np
+import pytest
 import torch
 
 from comfyui_nvfp4.kernels import registry
 from comfyui_nvfp4.kernels.hopper import fp8_weight
-from comfyui_nvfp4.kernels.w4a16_layout import split_half_pack
+from comfyui_nvfp4.kernels.w4a16_layout import w4a16_pack
 from comfyui_nvfp4.quant import e2m1, nvfp4
 
 
-def test_split_half_layout_reads_back():
+def test_w4a16_layout_reads_back():
     g = torch.Generator().manual_seed(0)
-    packed = torch.randint(0, 256, (5, 192), generator=g, dtype=torch.uint8)  # K = 384 = 3 blocks
+    packed = torch.randint(0, 256, (5, 80), generator=g, dtype=torch.uint8)  # K = 160 = 5 chunks of 32
     codes = e2m1.unpack(packed).numpy()
-    sp = split_half_pack(packed).numpy()
+    lay = w4a16_pack(packed)
+    assert lay.shape == packed.shape and lay.dtype == torch.uint8
+    b = lay.numpy().astype(np.uint32)
     for n in range(5):
-        for blk in range(3):
-            for j in range(64):
-                byte = sp[n, blk * 64 + j]
-                assert byte & 0xF == codes[n, blk * 128 + j]
-                assert byte >> 4 == codes[n, blk * 128 + 64 + j]
+        for c in range(5):
+            for w in range(4):
+                o = c * 16 + 4 * w
+                word = b[n, o] | (b[n, o + 1] << 8) | (b[n, o + 2] << 16) | (b[n, o + 3] << 24)  # little-endian
+                for i in range(8):  # nibble i: group A (elements 0..15) for i < 4, group B (16..31) above
+                    element = c * 32 + 16 * (i // 4) + 4 * (i % 4) + w
+                    assert (word >> (4 * i)) & 0xF == codes[n, element]
+
+
+def test_w4a16_layout_rejects_k_not_multiple_of_32():
+    with pytest.raises(ValueError, match="K % 32"):
+        w4a16_pack(torch.zeros(4, 40, dtype=torch.uint8))
 
 
 def test_fp8_weight_conversion_on_cpu():

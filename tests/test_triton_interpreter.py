@@ -18,7 +18,7 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
 from comfyui_nvfp4.kernels import triton_fp8, triton_w4a16  # noqa: E402
 from comfyui_nvfp4.kernels.hopper import SCALE_CANDIDATES, fp8_weight  # noqa: E402
 from comfyui_nvfp4.kernels.triton_common import configs_for, row_tile  # noqa: E402
-from comfyui_nvfp4.kernels.w4a16_layout import split_half_pack  # noqa: E402
+from comfyui_nvfp4.kernels.w4a16_layout import w4a16_pack  # noqa: E402
 from comfyui_nvfp4.quant import nvfp4  # noqa: E402
 
 
@@ -31,34 +31,36 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("n,k", [(40, 128), (7, 384), (33, 256)])
+@pytest.mark.parametrize("n,k", [(40, 128), (7, 384), (33, 96)])
 def test_decode_is_dequantize_exactly(n, k):
     p = weight(n, k, seed=n)
     # written into the middle rows of a larger buffer (a part of a fused layer), poisoned
     buf = torch.full((n + 5, k), float("nan"))
-    triton_w4a16.decode(split_half_pack(p.packed), p.block_scale, p.global_scale, buf[3:3 + n])
+    triton_w4a16.decode(w4a16_pack(p.packed), p.block_scale, p.global_scale, buf[3:3 + n])
     assert torch.equal(buf[3:3 + n], p.dequantize(torch.float32))
     assert buf[:3].isnan().all() and buf[3 + n:].isnan().all()  # nothing written outside its rows
 
 
-def test_decode_rejects_k_not_multiple_of_128():
-    p = weight(8, 96, seed=0)
-    with pytest.raises(ValueError, match="K % 128"):
-        triton_w4a16.decode(p.packed, p.block_scale, p.global_scale, torch.empty(8, 96))
+def test_decode_rejects_k_not_multiple_of_32():
+    p = weight(8, 80, seed=0)
+    with pytest.raises(ValueError, match="K % 32"):
+        triton_w4a16.decode(p.packed, p.block_scale, p.global_scale, torch.empty(8, 80))
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
-def test_w4a16_small_m_fma_configs(m):
-    n, k = 72, 256
+@pytest.mark.parametrize("split", [1, 2])
+def test_w4a16_small_m_fma_configs(m, split):
+    n, k = 72, 480  # 15 chunks: masked tails inside an iteration and, with split=2, of a K range
     p = weight(n, k, seed=m, scale=3.0)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(10 + m)).to(torch.bfloat16)
     b = torch.randn(n).to(torch.bfloat16)
     ref = x.double() @ p.dequantize(torch.float64).t() + b.double()
-    configs = [c for c in configs_for(triton_w4a16._small_m_kernel, MP=row_tile(m)) if not c["DOT"]]
+    configs = [c for c in triton_w4a16.configs_for(m) if not c["DOT"]]
     assert configs
     for cfg in configs:
         out = torch.full((m, n), float("nan"))
-        triton_w4a16.small_m_gemm(x, split_half_pack(p.packed), p.block_scale, p.global_scale, b, out, config=cfg)
+        triton_w4a16.small_m_gemm(x, w4a16_pack(p.packed), p.block_scale, p.global_scale, b, out,
+                                  config=cfg, split=split)
         assert rel(out, ref) < 1e-5, cfg
 
 

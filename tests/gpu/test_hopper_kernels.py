@@ -11,9 +11,9 @@ from comfyui_nvfp4.quant import nvfp4
 from comfyui_nvfp4.quant.layers import NVFP4Linear
 
 DEV = torch.device("cuda")
-# (M, N, K) for the small-M kernels: K a multiple of 128 for w4a16; odd N; M = 1..16
+# (M, N, K) for the small-M kernels: K a multiple of 32 for w4a16; odd N; M = 1..16
 SMALL = [(1, 64, 128), (1, 18432, 3072), (3, 136, 256), (4, 1000, 384), (5, 136, 128), (16, 1000, 384),
-         (9, 3072, 3072)]
+         (9, 3072, 3072), (2, 200, 96), (12, 200, 96)]
 
 
 def rel(a, b):
@@ -50,14 +50,14 @@ def test_act_quant_fp8_one_pass_is_per_token_exact():
         assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
 
 
-@pytest.mark.parametrize("n,k", [(3072, 3072), (1000, 384), (7, 128)])
+@pytest.mark.parametrize("n,k", [(3072, 3072), (1000, 384), (7, 128), (33, 96)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_w4a16_decode_is_dequantize_bit_exact(n, k, dtype):
     from comfyui_nvfp4.kernels.triton_w4a16 import decode
-    from comfyui_nvfp4.kernels.w4a16_layout import split_half_pack
+    from comfyui_nvfp4.kernels.w4a16_layout import w4a16_pack
     p = module(n, k).parts(DEV)[0]
     buf = torch.full((n + 4, k), float("nan"), device=DEV, dtype=dtype)
-    decode(split_half_pack(p.packed), p.block_scale, p.global_scale, buf[2:2 + n])
+    decode(w4a16_pack(p.packed), p.block_scale, p.global_scale, buf[2:2 + n])
     assert torch.equal(buf[2:2 + n], p.dequantize(dtype))
     assert buf[:2].isnan().all() and buf[2 + n:].isnan().all()
 
@@ -65,18 +65,19 @@ def test_w4a16_decode_is_dequantize_bit_exact(n, k, dtype):
 @pytest.mark.parametrize("m,n,k", SMALL)
 def test_w4a16_small_m_every_config(m, n, k):
     from comfyui_nvfp4.kernels import triton_w4a16
-    from comfyui_nvfp4.kernels.triton_common import configs_for, row_tile
-    from comfyui_nvfp4.kernels.w4a16_layout import split_half_pack
+    from comfyui_nvfp4.kernels.w4a16_layout import w4a16_pack
     mod = module(n, k)
     p = mod.parts(DEV)[0]
-    sp = split_half_pack(p.packed)
+    lay = w4a16_pack(p.packed)
     b = mod.bias.to(DEV)
-    for cfg in configs_for(triton_w4a16._small_m_kernel, MP=row_tile(m)) + [None]:  # None: the autotuner's pick
+    runs = [(cfg, None) for cfg in triton_w4a16.configs_for(m) + [None]]  # None: the tile choose() picks
+    runs += [(None, split) for split in (1, 2, 3)]  # K ranges (fp32 atomics), masked tails included
+    for cfg, split in runs:
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)  # poisoned
-        triton_w4a16.small_m_gemm(x, sp, p.block_scale, p.global_scale, b, out, config=cfg)
-        assert torch.isfinite(out).all(), cfg
-        assert rel(out, reference(mod, x)) < 1e-2, cfg
+        triton_w4a16.small_m_gemm(x, lay, p.block_scale, p.global_scale, b, out, config=cfg, split=split)
+        assert torch.isfinite(out).all(), (cfg, split)
+        assert rel(out, reference(mod, x)) < 1e-2, (cfg, split)
 
 
 @pytest.mark.parametrize("m,n,k", SMALL + [(2, 200, 80)])
@@ -133,7 +134,7 @@ def test_backend_on_module(backend, parts):
     if not ok:
         pytest.skip(why)
     for m, n, k in [(1, 3072, 3072), (3, 384, 256), (16, 384, 256), (17, 384, 256), (77, 384, 128),
-                    (1024, 1152, 1024), (9, 64, 80), (32, 1024, 12288), (17, 512, 15360)]:
+                    (1024, 1152, 1024), (9, 64, 80), (5, 64, 96), (40, 64, 96), (32, 1024, 12288), (17, 512, 15360)]:
         mod = module(n, k, parts=parts)
         if b.prepares:
             mod.set_prepared(backend, b.prepare(mod))
@@ -144,8 +145,8 @@ def test_backend_on_module(backend, parts):
         if backend == "fp8":
             # shapes cuBLASLt rejects (see hopper.py) run fp8-dq
             expected = {"fp8-gemv"} if m <= 16 else ({"fp8", "fp8-dq"} if k >= 12288 else {"fp8"})
-        else:  # the w4a16 kernels need K % 128 == 0
-            expected = {"dequant" if k % 128 else ("w4a16" if m <= 16 else "w4a16-dq")}
+        else:  # the w4a16 kernels need K % 32 == 0
+            expected = {"dequant" if k % 32 else ("w4a16" if m <= 16 else "w4a16-dq")}
         assert path in expected, (m, n, k, path)
         assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
         ref = reference(mod, x)
