@@ -4,6 +4,8 @@ A code is 4 bits: bit 3 is the sign, bits 0-2 index the magnitudes below.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -15,8 +17,10 @@ _THRESHOLDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _TIE_ROUNDS_UP = (False, True, False, True, False, True, False)
 
 
+@functools.lru_cache(maxsize=None)
 def decode_table(dtype=torch.float32, device=None) -> torch.Tensor:
-    """The 16 code values: codes 0-7 positive, 8-15 their negatives (8 is -0.0)."""
+    """The 16 code values: codes 0-7 positive, 8-15 their negatives (8 is -0.0). Made once per
+    dtype and device (read-only: callers index it), so decoding copies nothing from the host."""
     mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
     return torch.cat([mags, -mags]).to(dtype)
 
