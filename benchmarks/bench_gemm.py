@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from _bootstrap import ensure_package  # noqa: E402
 
 ensure_package()
+from bench_overhead import per_call_us  # noqa: E402  (host time per call)
 from comfyui_nvfp4.kernels import registry  # noqa: E402
 from comfyui_nvfp4.kernels.module import NVFP4LinearModule  # noqa: E402
 from comfyui_nvfp4.kernels.portable import EMULATE  # noqa: E402
@@ -76,20 +77,6 @@ def bench_graph(fn, reps: int = 20):
         return sorted(times)[len(times) // 2]
 
     return per_call(lambda: (flush.zero_(), fn())) - per_call(flush.zero_)
-
-
-def host_ms(fn, calls: int = 200) -> float:
-    """Host time of one call (Python + launches), measured without waiting for the GPU."""
-    import time
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e3
 
 
 def bench_all(fns: dict, graph: bool = False) -> dict:
@@ -148,7 +135,7 @@ def main():
                         b.fast_accum = True
                 fns["fp8-promoting-accum"] = promoting
         times = bench_all(fns, graph=a.graph)
-        hosts = {label: host_ms(fn) for label, fn in fns.items()} if a.graph else {}
+        hosts = {label: per_call_us(fn, 200, wait_for_gpu=False) / 1e3 for label, fn in fns.items()} if a.graph else {}
         base = times["bf16"]
         res = {"shape": [m, k, n], "bf16_ms": base, "emulate_err": rel(EMULATE.run(mod, x.float()), ref),
                "bf16_err": rel(torch.nn.functional.linear(x, w_bf16, bias), ref)}

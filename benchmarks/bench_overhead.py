@@ -22,15 +22,20 @@ from comfyui_nvfp4.quant import nvfp4  # noqa: E402
 from comfyui_nvfp4.quant.layers import NVFP4Linear  # noqa: E402
 
 
-def per_call_us(fn, n=2000):
+def per_call_us(fn, n=2000, wait_for_gpu=True):
+    """Wall time per call of n back-to-back calls. wait_for_gpu=False stops the clock before the
+    GPU has drained: the host's own time per call even where the GPU is the slower side."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
+    if wait_for_gpu:
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
+    return (t1 - t0) / n * 1e6
 
 
 def main():

@@ -65,6 +65,17 @@ def chunk_values(word, s_a, s_b):
 
 
 @triton.jit
+def load_chunks(w_ptr, s_ptr, offs_n, c, ok, stride_wn, stride_sn):
+    """Rows offs_n x chunks c (ok: [rows, chunks] mask) -> e2m1 * e4m3 values [rows, 32 x chunks]
+    in K order (masked chunks read as zeros)."""
+    word = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + c[None, :, None] * 4 + tl.arange(0, 4)[None, None, :],
+                   mask=ok[:, :, None], other=0).to(tl.uint32, bitcast=True)
+    s_row = s_ptr + offs_n[:, None] * stride_sn + 2 * c[None, :]
+    return chunk_values(word, e4m3_scale(tl.load(s_row, mask=ok, other=0)),
+                        e4m3_scale(tl.load(s_row + 1, mask=ok, other=0)))
+
+
+@triton.jit
 def _decode_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, n_chunks, stride_wn, stride_sn, stride_on,
                    BN: tl.constexpr, CB: tl.constexpr):
     """Program (n, b): BN rows x CB chunks, written as contiguous rows of CB * 32 elements."""
@@ -72,12 +83,7 @@ def _decode_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, n_chunks, stride_wn, stride
     n_ok = offs_n < N
     g = tl.arange(0, CB)
     c = tl.program_id(1) * CB + g
-    c_ok = n_ok[:, None] & (c < n_chunks)[None, :]
-    word = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + c[None, :, None] * 4 + tl.arange(0, 4)[None, None, :],
-                   mask=c_ok[:, :, None], other=0).to(tl.uint32, bitcast=True)
-    s_row = s_ptr + offs_n[:, None] * stride_sn + 2 * c[None, :]
-    v = chunk_values(word, e4m3_scale(tl.load(s_row, mask=c_ok, other=0)),
-                     e4m3_scale(tl.load(s_row + 1, mask=c_ok, other=0)))
+    v = load_chunks(w_ptr, s_ptr, offs_n, c, n_ok[:, None] & (c < n_chunks)[None, :], stride_wn, stride_sn)
     # (e2m1 * e4m3) * weight_scale_2, rounded once: the same value as nvfp4.dequantize
     v = (v * tl.load(gs_ptr)).to(out_ptr.dtype.element_ty)
     e = tl.program_id(1) * CB * 32 + tl.arange(0, CB * 32)
@@ -164,12 +170,7 @@ def _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, c_lo, c_hi, stride_am, 
     acc = tl.zeros((16, BN), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, G):
         c = c0 + g
-        c_ok = n_mask[:, None] & (c < c_hi)[None, :]
-        word = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + c[None, :, None] * 4 + tl.arange(0, 4)[None, None, :],
-                       mask=c_ok[:, :, None], other=0).to(tl.uint32, bitcast=True)
-        s_row = s_ptr + offs_n[:, None] * stride_sn + 2 * c[None, :]
-        w = chunk_values(word, e4m3_scale(tl.load(s_row, mask=c_ok, other=0)),
-                         e4m3_scale(tl.load(s_row + 1, mask=c_ok, other=0)))
+        w = load_chunks(w_ptr, s_ptr, offs_n, c, n_mask[:, None] & (c < c_hi)[None, :], stride_wn, stride_sn)
         x = tl.load(a_ptr + rows[:, None] * stride_am + c0 * 32 + e[None, :],
                     mask=r_ok[:, None] & (c0 * 32 + e < c_hi * 32)[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w.to(tl.bfloat16)), acc)
