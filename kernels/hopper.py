@@ -21,6 +21,7 @@ import torch
 from .portable import bias_of, dequant_fp8
 from .registry import Backend, register
 from .transfer import to_device
+from .w4a16_layout import CHUNK, w4a16_pack
 
 log = logging.getLogger("comfyui_nvfp4")
 FP8_MAX = 448.0
@@ -180,13 +181,11 @@ class W4A16Backend(Backend):
     def prepare(self, module):
         """The w4a16 nibble order (same bytes as canonical, replaces it on the GPU).
         Layers whose K is not a multiple of 32 get nothing and run `dequant` (reported)."""
-        from .w4a16_layout import CHUNK, w4a16_pack
         if module.in_features % CHUNK:
             return {}
         return {f"w{i}": w4a16_pack(p.packed) for i, p in enumerate(module.stored_parts())}
 
     def run(self, module, x):
-        from .w4a16_layout import CHUNK
         if module.in_features % CHUNK:
             from .portable import DEQUANT
             return DEQUANT.run(module, x)

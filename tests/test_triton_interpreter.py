@@ -109,3 +109,14 @@ def test_act_quant_scales_are_row_amax_over_448():
     q, s = triton_fp8.act_quant_fp8(x.to(torch.bfloat16))
     assert torch.allclose(s, x.to(torch.bfloat16).float().abs().amax(1, keepdim=True) / 448, rtol=1e-6)
     assert (q.float().abs().amax(1) > 400).all()
+
+
+@pytest.mark.parametrize("n,k", [(18432, 3072), (3072, 3072), (3072, 12288), (64, 15360), (200, 96)])
+def test_w4a16_choice_is_a_tile_that_can_run_m_rows(n, k):
+    for m in range(1, triton_w4a16.SMALL_M_MAX + 1):
+        tile, split = triton_w4a16.choose(m, n, k, sms=132)
+        assert tile in triton_w4a16.configs_for(m), (m, tile)
+        assert tile["DOT"] == (m > triton_w4a16.FMA_M_MAX)
+        # each K range keeps at least 64 chunks of 32; N wide enough for the GPU is not split
+        assert split == 1 or k // 32 // split >= 64, (m, split)
+        assert split == 1 or -(-n // 64) < 2 * 132
