@@ -22,7 +22,8 @@ def fp4_pair(byte):
 
 @triton.jit
 def e4m3_scale(raw):
-    """e4m3 block-scale bytes (uint8) -> fp32 scale * 2^14 (exact), for fp4_pair's values."""
+    """e4m3 block-scale bytes (uint8) -> fp32 scale * 2^14 (exact), for values decoded through
+    fp16 bits as e2m1 * 2^-14 (fp4_pair here, triton_w4a16.lane_pair)."""
     return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * 16384.0
 
 

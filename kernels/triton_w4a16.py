@@ -16,6 +16,8 @@ decode: the layer's weight decoded to a transient bf16/fp16 [N, K] buffer in one
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -226,6 +228,11 @@ def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
     return tile, split_for(n, k, sms)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count  # once per device, not per call
+
+
 def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor, config: dict | None = None,
                  split: int | None = None) -> torch.Tensor:
@@ -235,10 +242,10 @@ def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale: torch.Ten
     n = packed_w4a16.shape[0]
     if k % CHUNK or m > SMALL_M_MAX:
         raise ValueError(f"small_m_gemm: need K % {CHUNK} == 0 and M <= {SMALL_M_MAX}, got M={m}, K={k}")
-    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count if x2d.is_cuda else 1
-    picked, picked_split = choose(m, n, k, sms)
-    config = picked if config is None else config
-    split = picked_split if split is None else split
+    if config is None or split is None:
+        picked, picked_split = choose(m, n, k, _sm_count(x2d.device) if x2d.is_cuda else 1)
+        config = picked if config is None else config
+        split = picked_split if split is None else split
     x2d = x2d.to(torch.bfloat16).contiguous()
     words = _words(packed_w4a16)
     target = out if split == 1 else torch.zeros((m, n), device=out.device, dtype=torch.float32)
