@@ -25,9 +25,10 @@ def compute_dtype(patcher):
     return getattr(m, "manual_cast_dtype", None) or m.get_dtype()
 
 
-def select(patcher, choice: str, device):
-    """(name active during sampling, module -> Backend, text about the choice). Raises at selection
-    time, never mid-sampling, when the choice cannot run here."""
+def select(patcher, modules, choice: str, device):
+    """(name active during sampling, module -> Backend, text about the choice) for the model's
+    NVFP4 linear `modules`. Raises at selection time, never mid-sampling, when the choice cannot
+    run here."""
     override = env_override.read(registry.names())
     note = ""
     if override is not None and override != choice:
@@ -38,18 +39,17 @@ def select(patcher, choice: str, device):
         backend = registry.resolve(choice, device)
         getattr(backend, "check_dtype", lambda dtype: None)(compute_dtype(patcher))  # bf16/fp16-only GEMMs
         return backend.name, (lambda m: backend), f"{backend.name}{note}"
-    modules = [m for m in nvfp4_modules(patcher) if m.format == "nvfp4"]
-    table = autotune.choose({(m.out_features, m.in_features) for m in modules}, device,
+    quantized = [m for m in modules if m.format == "nvfp4"]
+    table = autotune.choose({(m.out_features, m.in_features) for m in quantized}, device,
                             autotune.auto_candidates(device, compute_dtype(patcher)))
-    for m in modules:
+    for m in quantized:
         m.auto_choice = table[(m.out_features, m.in_features)]["winner"]
     return registry.AUTO, (lambda m: registry.get(m.auto_choice)), f"auto{note}:\n" + autotune.format_table(table)
 
 
-def prepare(patcher, backend_for, device) -> dict:
-    """Make the chosen layouts (once per backend per model) and free the others. Layouts are made
-    from the CPU originals, so a model still loaded on the GPU is unloaded first."""
-    modules = nvfp4_modules(patcher)
+def prepare(patcher, modules, backend_for, device) -> dict:
+    """Make the chosen layouts of `modules` (once per backend per model) and free the others.
+    Layouts are made from the CPU originals, so a model still loaded on the GPU is unloaded first."""
     needs = any(backend_for(m).prepares and backend_for(m).name not in m.prepared_backends()
                 for m in modules if m.format == "nvfp4")
     stale = any(m.prepared_backends() - {backend_for(m).name} for m in modules if m.format == "nvfp4")
@@ -87,16 +87,17 @@ def make_wrapper(backend_name: str, node_id: str | None):
 
 
 def apply_backend(patcher, choice: str, node_id: str | None = None):
-    if not nvfp4_modules(patcher):
+    modules = nvfp4_modules(patcher)  # one walk of the model serves selection, preparation, report
+    if not modules:
         raise ValueError("this MODEL has no NVFP4 layers: connect it to 'Load NVFP4 Diffusion Model'")
     device = comfy.model_management.get_torch_device()
-    active, backend_for, chosen = select(patcher, choice, device)
-    info = prepare(patcher, backend_for, device)
+    active, backend_for, chosen = select(patcher, modules, choice, device)
+    info = prepare(patcher, modules, backend_for, device)
     model = patcher.clone()
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                make_wrapper(active, node_id))
-    formats = path_report.format_counts(patcher.model.diffusion_model)
+    formats = path_report.format_counts(modules)
     text = (f"{choice} -> {chosen}\non {registry.describe_device(device)}; layers: "
             + path_report.summary_text(formats))
     if info["prepared_layers"]:

@@ -70,7 +70,7 @@ class NVFP4Backend(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, backend) -> io.NodeOutput:
-        out, chosen, text = backend_apply.apply_backend(model, backend, cls.hidden.unique_id)
+        out, _active, text = backend_apply.apply_backend(model, backend, cls.hidden.unique_id)
         return io.NodeOutput(out, ui=ui.PreviewText(text))
 
 

@@ -15,8 +15,8 @@ def path_counts(model) -> dict[str, int]:
     return dict(Counter(m.last_path or "not run" for m in linear_modules(model)))
 
 
-def format_counts(model) -> dict[str, int]:
-    return dict(Counter(m.format or "unloaded" for m in linear_modules(model)))
+def format_counts(modules: list[NVFP4LinearModule]) -> dict[str, int]:
+    return dict(Counter(m.format or "unloaded" for m in modules))
 
 
 def summary_text(counts: dict[str, int]) -> str:
