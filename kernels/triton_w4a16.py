@@ -7,9 +7,10 @@ shift-and-mask per field (both halves of the word at once): ~2.5 integer ops per
 of ~6 for a byte at a time; then a plain fp16 -> fp32 conversion.
 small-M (M <= SMALL_M_MAX, e.g. the M=1 modulation GEMMs): y = x @ dequant(W).T + bias with the
   weight read once as 4-bit codes + e4m3 scales (0.56 bytes per weight instead of bf16's 2):
-  fp32 FMAs for a few rows (a group's 16 products summed in registers, scaled once), tensor
-  cores (rows padded to 16) for more. Split along K (fp32 partial sums added atomically) when
-  N alone gives too few programs to fill the GPU.
+  fp32 FMAs for one row (a group's 16 products summed in registers, scaled once), tensor cores
+  (rows padded to 16) for more, one product per lane pair so the decoded values never change
+  layout (`_small_m_dot`). Split along K (fp32 partial sums added atomically) when N alone gives
+  too few programs to fill the GPU.
 decode: the layer's weight decoded to a transient bf16/fp16 [N, K] buffer in one pass (read
   0.56 B, write 2 B per weight), for cuBLAS to multiply at large M where the GEMM is
   compute-bound and a decoding GEMM loses (the in-kernel decode measured 0.27x bf16 at M=4096).
@@ -26,7 +27,8 @@ from .triton_common import e4m3_scale, row_tile
 from .w4a16_layout import CHUNK
 
 SMALL_M_MAX = 16
-FMA_M_MAX = 4  # above this many rows the FMA tiles lose to tensor cores
+FMA_M_MAX = 4  # the FMA tiles hold at most this many rows in registers
+BF16_SCALE_BIAS = tl.constexpr(2.0 ** 119)  # e4m3 block scale * 2^119 in bf16: see lane_pair_bf16
 
 
 @triton.jit
@@ -43,6 +45,28 @@ def lane_pair(word, I: tl.constexpr):
     bits = mag | ((word << (12 - 4 * I)) & 0x80008000)
     lo = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     hi = (bits >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def lane_pair_bf16(word, I: tl.constexpr):
+    """uint32 words -> (nibble I, nibble I + 4) as bf16 e2m1 * 2^-126, exact, for tensor cores.
+
+    Like lane_pair but into bf16 bits (sign at 15, exponent/mantissa bits at 8..6; the e=0 codes
+    land on bf16 subnormals): a bf16 multiply by the block scale * 2^119 then gives
+    e2m1 * e4m3 * 2^-7 exactly (at most 6 significant bits, at least 2^-17: a normal bf16), with
+    no fp32 round trip."""
+    if I == 0:
+        mag = (word << 6) & 0x01C001C0
+    elif I == 1:
+        mag = (word << 2) & 0x01C001C0
+    elif I == 2:
+        mag = (word >> 2) & 0x01C001C0
+    else:
+        mag = (word >> 6) & 0x01C001C0
+    bits = mag | ((word << (12 - 4 * I)) & 0x80008000)
+    lo = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    hi = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return lo, hi
 
 
@@ -118,9 +142,10 @@ def decode(packed_w4a16: torch.Tensor, scale: torch.Tensor, global_scale: torch.
 FMA_CONFIGS = [dict(BN=bn, G=g, DOT=False, num_warps=w, num_stages=st)
                for bn, g, w, st in [(8, 8, 2, 3), (8, 16, 2, 3), (16, 8, 4, 3), (16, 16, 4, 3), (32, 8, 4, 3),
                                     (16, 8, 4, 1), (32, 16, 8, 3)]]
+# DOT tiles: G >= 4 (a lane pair's product runs over 4G K elements, the tensor cores take 16)
 DOT_CONFIGS = [dict(BN=bn, G=g, DOT=True, num_warps=w, num_stages=st)
-               for bn, g, w, st in [(32, 4, 4, 3), (64, 4, 4, 3), (32, 2, 4, 3), (64, 2, 4, 3), (32, 4, 4, 4),
-                                    (16, 4, 4, 3)]]
+               for bn, g, w, st in [(64, 4, 4, 3), (32, 4, 4, 3), (64, 8, 4, 3), (32, 8, 4, 3), (64, 4, 4, 4),
+                                    (128, 4, 8, 3), (16, 8, 4, 3)]]
 
 
 def configs_for(m: int) -> list[dict]:
@@ -163,20 +188,36 @@ def _small_m_fma(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, c_lo, c_hi, stride_am, 
 @triton.jit
 def _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, c_lo, c_hi, stride_am, stride_wn, stride_sn,
                  BN: tl.constexpr, G: tl.constexpr):
-    """Tensor cores, rows padded to 16: per iteration one [16, 32G] x [32G, BN] product over G
-    chunks decoded to K order and scaled (e2m1 * e4m3 is exact in bf16)."""
+    """Tensor cores, rows padded to 16, without reordering the weight into K order.
+
+    The words of G chunks are one [4G, BN] tile (row r: word r % 4 of chunk r // 4). Its lane
+    pair I holds element 4I + w of every chunk's group A and group B, so `x @ W.T` over these G
+    chunks is the sum of 8 products [16, 4G] x [4G, BN], one per (I, group), each with the
+    activations gathered in the same order. The decode is elementwise on the loaded tile, so
+    Triton gives the tile the tensor cores' operand layout from the start (no shared-memory
+    shuffle of decoded values, which made the K-ordered version 0.6-0.8x bf16 at M=16)."""
     rows = tl.arange(0, 16)
     r_ok = rows < M
-    g = tl.arange(0, G)
-    e = tl.arange(0, 32 * G)
+    r = tl.arange(0, 4 * G)
     acc = tl.zeros((16, BN), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, G):
-        c = c0 + g
-        w = load_chunks(w_ptr, s_ptr, offs_n, c, n_mask[:, None] & (c < c_hi)[None, :], stride_wn, stride_sn)
-        x = tl.load(a_ptr + rows[:, None] * stride_am + c0 * 32 + e[None, :],
-                    mask=r_ok[:, None] & (c0 * 32 + e < c_hi * 32)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w.to(tl.bfloat16)), acc)
-    return acc, rows
+        c = c0 + r // 4
+        c_ok = c < c_hi
+        ok = c_ok[:, None] & n_mask[None, :]
+        word = tl.load(w_ptr + offs_n[None, :] * stride_wn + c0 * 4 + r[:, None], mask=ok,
+                       other=0).to(tl.uint32, bitcast=True)
+        s_row = s_ptr + offs_n[None, :] * stride_sn + 2 * c[:, None]
+        s_a = (tl.load(s_row, mask=ok, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+               * BF16_SCALE_BIAS).to(tl.bfloat16)
+        s_b = (tl.load(s_row + 1, mask=ok, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+               * BF16_SCALE_BIAS).to(tl.bfloat16)
+        x = a_ptr + rows[:, None] * stride_am + c[None, :] * 32 + (r % 4)[None, :]
+        x_ok = r_ok[:, None] & c_ok[None, :]
+        for i in tl.static_range(4):
+            a, b = lane_pair_bf16(word, i)
+            acc = tl.dot(tl.load(x + 4 * i, mask=x_ok, other=0.0), a * s_a, acc)
+            acc = tl.dot(tl.load(x + 16 + 4 * i, mask=x_ok, other=0.0), b * s_b, acc)
+    return acc * 128.0, rows  # the products were e2m1 * e4m3 * 2^-7
 
 
 @triton.jit
@@ -217,15 +258,22 @@ def split_for(n: int, k: int, sms: int) -> int:
     return max(1, min(2 * sms // triton.cdiv(n, 64), k // CHUNK // 64, 8))
 
 
+def dot_split_for(n: int, k: int, sms: int) -> int:
+    """K ranges for the tensor-core tiles: as split_for, but at least 2 where each range keeps 32
+    chunks (on the H100 2 ranges of K=3072 won 4-10% over one at every N measured, 3072-18432)."""
+    return max(split_for(n, k, sms), min(2, k // CHUNK // 32))
+
+
 def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
     """The tile and K split for this shape, fixed from H100 timings of every tile (BENCHMARKS.md)
     rather than by Triton's autotuner: for these few-microsecond kernels its picks differed
-    between runs on the same card (1.5-3x apart), and its per-call bookkeeping costs host time."""
-    if m <= FMA_M_MAX:
-        tile = dict(BN=16, G=16, DOT=False, num_warps=4, num_stages=3)
-    else:
-        tile = dict(BN=32 if n <= 4096 else 64, G=4, DOT=True, num_warps=4, num_stages=3)
-    return tile, split_for(n, k, sms)
+    between runs on the same card (1.5-3x apart), and its per-call bookkeeping costs host time.
+    One row: FMAs (1.3-2.3x bf16, the tensor-core tile 0.9-1.8x); two rows or more: tensor cores
+    (at M=4 the FMA tiles measured 0.4-0.5x bf16, the tensor-core tile 0.9-1.7x)."""
+    if m == 1:
+        return dict(BN=16, G=16, DOT=False, num_warps=4, num_stages=3), split_for(n, k, sms)
+    bn = 32 if n <= 4096 and k <= 4096 else 64
+    return dict(BN=bn, G=4, DOT=True, num_warps=4, num_stages=3), dot_split_for(n, k, sms)
 
 
 @functools.lru_cache(maxsize=None)

@@ -116,7 +116,10 @@ def test_w4a16_choice_is_a_tile_that_can_run_m_rows(n, k):
     for m in range(1, triton_w4a16.SMALL_M_MAX + 1):
         tile, split = triton_w4a16.choose(m, n, k, sms=132)
         assert tile in triton_w4a16.configs_for(m), (m, tile)
-        assert tile["DOT"] == (m > triton_w4a16.FMA_M_MAX)
-        # each K range keeps at least 64 chunks of 32; N wide enough for the GPU is not split
-        assert split == 1 or k // 32 // split >= 64, (m, split)
-        assert split == 1 or -(-n // 64) < 2 * 132
+        assert tile["DOT"] == (m > 1)
+        if not tile["DOT"]:  # each K range keeps at least 64 chunks of 32; N wide enough is not split
+            assert split == triton_w4a16.split_for(n, k, 132)
+            assert split == 1 or (k // 32 // split >= 64 and -(-n // 64) < 2 * 132), (m, split)
+        else:  # the tensor-core tiles split K in two whenever each half keeps 32 chunks
+            assert split == max(triton_w4a16.split_for(n, k, 132), 2 if k // 32 >= 64 else 1), (m, split)
+            assert k // 32 // split >= 32 or split == 1, (m, split)

@@ -80,6 +80,35 @@ def test_w4a16_small_m_every_config(m, n, k):
         assert rel(out, reference(mod, x)) < 1e-2, (cfg, split)
 
 
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 16])
+def test_w4a16_small_m_is_exact_up_to_fp32_sums(m):
+    """fp32 output: every tile's products must be the exact e2m1 * e4m3 values (the tensor-core
+    tiles decode into bf16 subnormals and scale by e4m3 * 2^119 in bf16), e4m3 subnormal block
+    scales included (rows 1e-5 as large as the rest), each output channel checked on its own."""
+    from comfyui_nvfp4.kernels import triton_w4a16
+    from comfyui_nvfp4.kernels.w4a16_layout import w4a16_pack
+    n, k = 200, 1024
+    w = torch.randn(n, k) / k ** 0.5
+    w[::4] *= 1e-5
+    p = nvfp4.quantize(w.to(DEV))
+    raw = p.block_scale.view(torch.uint8)
+    assert ((raw & 0x78 == 0) & (raw != 0)).any(), "no subnormal e4m3 block scale to test"
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    b = (torch.randn(n, device=DEV) * 1e-6).to(torch.bfloat16)
+    wd = p.dequantize(torch.float64)
+    ref = x.double() @ wd.t() + b.double()
+    # what fp32 sums can be off by scales with the sum of |products|, not with |sum| (which a
+    # single row can cancel to ~0); a wrong decode or scale is off by ~1e-2 of it
+    size = x.double().abs() @ wd.abs().t() + b.double().abs()
+    lay = w4a16_pack(p.packed)
+    for cfg in triton_w4a16.configs_for(m) + [None]:
+        for split in (1, 3):
+            out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.float32)
+            triton_w4a16.small_m_gemm(x, lay, p.block_scale, p.global_scale, b, out, config=cfg, split=split)
+            err = ((out.double() - ref).abs() / size).max()
+            assert err < 1e-5, (cfg, split, float(err))
+
+
 @pytest.mark.parametrize("m,n,k", SMALL + [(2, 200, 80)])
 def test_fp8_small_m_every_config(m, n, k):
     from comfyui_nvfp4.kernels import triton_fp8
