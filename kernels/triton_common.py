@@ -7,6 +7,8 @@ the 2^14 into the e4m3 block scale (exact in fp32), so v * scale is the exact e2
 """
 from __future__ import annotations
 
+import threading
+
 import triton
 import triton.language as tl
 
@@ -32,11 +34,18 @@ def row_tile(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
+_AUTOTUNER_LOCK = threading.Lock()
+
+
 def launch(kernel, grid, args, kwargs, config: dict | None = None):
     """Run an autotuned kernel, or one of its configs by hand (`config`: one of configs_for's
     dicts; tests use it to run every config, also under TRITON_INTERPRET=1 where nothing is timed)."""
     if config is None:
-        kernel[grid](*args, **kwargs)
+        # Triton's Autotuner keeps each call's state on the kernel object (its argument dict, the
+        # cache entry it fills while timing configs): calls from preparation's worker threads
+        # (the self-check) must not interleave, or one reads the other's half-made entry
+        with _AUTOTUNER_LOCK:
+            kernel[grid](*args, **kwargs)
     else:
         kernel.fn[grid](*args, **kwargs, **config)
 

@@ -216,6 +216,18 @@ def test_prepare_modules_checks_on_gpu_and_stores_with_the_originals(backend):
     assert bad.prepared_backends() == set()
 
 
+def test_parallel_preparation_autotunes_new_shapes_safely():
+    """Preparation's worker threads self-check layers of shapes Triton's autotuner has not seen
+    (the fp8 small-M kernel): concurrent first calls raised inside Triton's Autotuner (a FLUX
+    step's 304 layers hit it) until autotuned launches were serialized."""
+    from comfyui_nvfp4.kernels import triton_fp8
+    triton_fp8._small_m_kernel.cache.clear()
+    mods = [module(n, k) for n, k in [(640, 256), (704, 256), (768, 320), (832, 384), (896, 448), (960, 512),
+                                      (1024, 576), (1088, 640)]]
+    info = preparation.prepare_modules(mods, registry.get("fp8"), DEV, self_check=True, workers=4)
+    assert info["prepared_layers"] == len(mods) and info["self_check_min_cosine"] > 0.99
+
+
 @pytest.mark.parametrize("backend", ["dequant", "fp8", "w4a16"])
 def test_offloaded_and_moved_modules_still_run(backend):
     """What ComfyUI's patchers do to a layer: leave it on the CPU (lowvram/novram offload, the
