@@ -82,7 +82,15 @@ def _small_m_acc(a_ptr, w_ptr, offs_n, n_mask, M, K, stride_am, stride_wn,
     return acc, rows, r_mask
 
 
-@triton.autotune(configs=_small_configs(), key=["N", "K", "MP"], prune_configs_by={"early_config_prune": _prune_small})
+def _quick_bench(kernel_call, quantiles):
+    """The autotuner's timer, shortened (5 ms warm-up, 20 ms of calls per config instead of
+    25 + 100): these kernels take microseconds, and every new (N, K, rows) shape is tuned on its
+    first call, which for a FLUX model's ~12 shapes happens inside preparation's self-check."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+@triton.autotune(configs=_small_configs(), key=["N", "K", "MP"], prune_configs_by={"early_config_prune": _prune_small},
+                 do_bench=_quick_bench)
 @triton.jit
 def _small_m_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
                     HAS_BIAS: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
