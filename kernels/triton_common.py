@@ -12,6 +12,8 @@ import threading
 import triton
 import triton.language as tl
 
+from .tuning import tuning_allowed
+
 
 @triton.jit
 def fp4_pair(byte):
@@ -39,7 +41,10 @@ _AUTOTUNER_LOCK = threading.Lock()
 
 def launch(kernel, grid, args, kwargs, config: dict | None = None):
     """Run an autotuned kernel, or one of its configs by hand (`config`: one of configs_for's
-    dicts; tests use it to run every config, also under TRITON_INTERPRET=1 where nothing is timed)."""
+    dicts; tests use it to run every config, also under TRITON_INTERPRET=1 where nothing is timed).
+    Inside tuning.untuned() (the self-check) a call without a config runs the first one."""
+    if config is None and not tuning_allowed():
+        config = configs_for(kernel, **kwargs)[0]
     if config is None:
         # Triton's Autotuner keeps each call's state on the kernel object (its argument dict, the
         # cache entry it fills while timing configs): calls from preparation's worker threads

@@ -235,3 +235,27 @@ class _BrokenSmallM(_DenseCopy):
 def test_self_check_covers_the_small_m_path_too():
     with pytest.raises(preparation.SelfCheckError, match="layer l0"):
         preparation.prepare_modules([mod(seed=0, name="l0")], _BrokenSmallM(), CPU, self_check=True)
+
+
+class _RecordsTuning(_DenseCopy):
+    def __init__(self):
+        super().__init__()
+        self.allowed = []
+
+    def run(self, module, x):
+        from comfyui_nvfp4.kernels.tuning import tuning_allowed
+        self.allowed.append((x.shape[0], tuning_allowed()))
+        return super().run(module, x)
+
+
+def test_self_check_runs_layers_without_kernel_tuning():
+    """The self-check verifies layouts: its runs (32 rows and 1 row, in worker threads too) must
+    not time kernel configs; afterwards tuning is allowed again."""
+    from comfyui_nvfp4.kernels.tuning import tuning_allowed
+    b = _RecordsTuning()
+    mods = [mod(seed=i, name=f"l{i}") for i in range(5)]
+    preparation.prepare_modules(mods, b, CPU, self_check=True, workers=3)
+    assert sorted(b.allowed) == sorted([(32, False), (1, False)] * 5)
+    assert tuning_allowed()
+    b.run(mods[0], torch.randn(2, mods[0].in_features, dtype=torch.bfloat16))
+    assert b.allowed[-1] == (2, True)

@@ -78,6 +78,19 @@ def test_fp8_small_m_fma_configs(m):
         assert out.shape == (m, n) and rel(out, ref) < 1e-5, cfg
 
 
+def test_fp8_small_m_untuned_runs_without_timing():
+    """Inside tuning.untuned() (the self-check) the autotuned GEMV runs a config directly: here,
+    on the interpreter, where timing configs is impossible."""
+    from comfyui_nvfp4.kernels.tuning import untuned
+    n, k = 40, 256
+    w8, ws = fp8_weight([weight(n, k, seed=4)], torch.device("cpu"))
+    x = torch.randn(1, k).to(torch.bfloat16)
+    ref = x.double() @ (w8.double() * ws.double()[:, None]).t()
+    with untuned():
+        out = triton_fp8.small_m_gemm(x, w8, ws, None, torch.float32)
+    assert rel(out, ref) < 1e-5
+
+
 def test_nvfp4_to_fp8_picks_a_candidate_scale_per_row():
     n, k = 24, 512
     p = weight(n, k, seed=3)

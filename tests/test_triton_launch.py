@@ -1,12 +1,14 @@
 """triton_common.launch: autotuned calls from several threads never overlap (Triton's Autotuner
-keeps per-call state on the kernel object); explicit-config calls go straight to the kernel."""
+keeps per-call state on the kernel object); explicit-config calls go straight to the kernel;
+inside tuning.untuned() an autotuned kernel runs its first config instead of timing them."""
 import threading
 import time
 
 import pytest
 
-pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' brings it on Linux)")
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[test]' brings it on Linux)")
 from comfyui_nvfp4.kernels.triton_common import launch  # noqa: E402
+from comfyui_nvfp4.kernels.tuning import tuning_allowed, untuned  # noqa: E402
 
 
 class Recorder:
@@ -14,6 +16,10 @@ class Recorder:
     calls were inside it at once (the autotuner's timing takes a while: sleep)."""
 
     def __init__(self):
+        # an autotuner's config list and pruning (keeps the configs whose BN fits MP rows)
+        self.configs = [triton.Config({"BN": 64}, num_warps=8), triton.Config({"BN": 16}, num_warps=4, num_stages=2),
+                        triton.Config({"BN": 32}, num_warps=4)]
+        self.early_config_prune = lambda configs, named_args, **kw: [c for c in configs if c.kwargs["BN"] * kw["MP"] <= 32]
         self.inside = 0
         self.most_inside = 0
         self.calls = []
@@ -47,3 +53,24 @@ def test_explicit_config_goes_to_the_kernel_with_the_config():
     k = Recorder()
     launch(k, (2,), ("a",), {"N": 5}, config={"BN": 16, "num_warps": 4})
     assert k.calls == [((2,), ("a",), {"N": 5, "BN": 16, "num_warps": 4})]
+
+
+def test_untuned_runs_the_first_config_that_fits_instead_of_tuning():
+    k = Recorder()
+    with untuned():
+        assert not tuning_allowed()
+        launch(k, (1,), ("a",), {"MP": 2})
+    assert tuning_allowed()
+    # BN=64 is pruned for MP=2; the first left is BN=16 with its launch options
+    assert k.calls == [((1,), ("a",), {"MP": 2, "BN": 16, "num_warps": 4, "num_stages": 2})]
+    launch(k, (1,), ("b",), {"MP": 2})  # outside: through the autotuner (kernel[grid]) as before
+    assert k.calls[-1] == ((1,), ("b",), {"MP": 2})
+
+
+def test_untuned_is_per_context_not_global():
+    seen = []
+    with untuned():
+        t = threading.Thread(target=lambda: seen.append(tuning_allowed()))  # a thread that did not inherit it
+        t.start()
+        t.join()
+    assert seen == [True]

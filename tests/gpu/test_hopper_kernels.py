@@ -216,16 +216,23 @@ def test_prepare_modules_checks_on_gpu_and_stores_with_the_originals(backend):
     assert bad.prepared_backends() == set()
 
 
-def test_parallel_preparation_autotunes_new_shapes_safely():
-    """Preparation's worker threads self-check layers of shapes Triton's autotuner has not seen
-    (the fp8 small-M kernel): concurrent first calls raised inside Triton's Autotuner (a FLUX
-    step's 304 layers hit it) until autotuned launches were serialized."""
+def test_parallel_preparation_of_new_shapes_does_not_tune_and_sampling_does():
+    """Preparation's worker threads self-check layers of shapes the fp8 GEMV's autotuner has not
+    seen. Concurrent first calls once raised inside Triton's Autotuner (a FLUX step's 304 layers
+    hit it; autotuned launches are serialized since); the self-check now runs a config directly
+    (tuning.untuned), so preparation tunes nothing, and a layer's first real call tunes."""
     from comfyui_nvfp4.kernels import triton_fp8
     triton_fp8._small_m_kernel.cache.clear()
     mods = [module(n, k) for n, k in [(640, 256), (704, 256), (768, 320), (832, 384), (896, 448), (960, 512),
                                       (1024, 576), (1088, 640)]]
-    info = preparation.prepare_modules(mods, registry.get("fp8"), DEV, self_check=True, workers=4)
+    b = registry.get("fp8")
+    info = preparation.prepare_modules(mods, b, DEV, self_check=True, workers=4)
     assert info["prepared_layers"] == len(mods) and info["self_check_min_cosine"] > 0.99
+    assert len(triton_fp8._small_m_kernel.cache) == 0
+    m = mods[0].to(DEV)
+    x = torch.randn(1, m.in_features, device=DEV, dtype=torch.bfloat16)
+    assert rel(b.run(m, x), reference(m, x)) < 0.03 and m.last_path == "fp8-gemv"
+    assert len(triton_fp8._small_m_kernel.cache) == 1
 
 
 @pytest.mark.parametrize("backend", ["dequant", "fp8", "w4a16"])
