@@ -32,17 +32,26 @@ BF16_SCALE_BIAS = tl.constexpr(2.0 ** 119)  # e4m3 block scale * 2^119 in bf16: 
 
 
 @triton.jit
+def lane_bits(word, I: tl.constexpr, MAG: tl.constexpr):
+    """uint32 words -> nibbles I (low half) and I + 4 (high half) placed as 16-bit float bit
+    patterns: sign at bit 15, the nibble's 3 exponent/mantissa bits at MAG..MAG+2. Nibble I sits
+    at bits 4I..4I+3 and nibble I + 4 sixteen bits higher, so one shift per field places both."""
+    SHIFT: tl.constexpr = MAG - 4 * I
+    MASK: tl.constexpr = (7 << MAG) * 0x10001
+    if SHIFT >= 0:
+        mag = (word << SHIFT) & MASK
+    else:
+        mag = (word >> -SHIFT) & MASK
+    return mag | ((word << (12 - 4 * I)) & 0x80008000)
+
+
+@triton.jit
 def lane_pair(word, I: tl.constexpr):
     """uint32 words -> (nibble I, nibble I + 4) as fp32 e2m1 * 2^-14, exact.
 
-    fp16 bits of e2m1 * 2^-14: sign at bit 15, the 3 exponent/mantissa bits at 11..9 (the e=0
-    codes land on fp16 subnormals, which fp16 -> fp32 keeps). Nibble I sits at bits 4I..4I+3
-    and nibble I + 4 sixteen bits higher, so one shift places both halves."""
-    if I == 3:
-        mag = (word >> 3) & 0x0E000E00
-    else:
-        mag = (word << (9 - 4 * I)) & 0x0E000E00
-    bits = mag | ((word << (12 - 4 * I)) & 0x80008000)
+    fp16 bits of e2m1 * 2^-14: the 3 exponent/mantissa bits at 11..9 (the e=0 codes land on fp16
+    subnormals, which fp16 -> fp32 keeps)."""
+    bits = lane_bits(word, I, 9)
     lo = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     hi = (bits >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     return lo, hi
@@ -52,19 +61,10 @@ def lane_pair(word, I: tl.constexpr):
 def lane_pair_bf16(word, I: tl.constexpr):
     """uint32 words -> (nibble I, nibble I + 4) as bf16 e2m1 * 2^-126, exact, for tensor cores.
 
-    Like lane_pair but into bf16 bits (sign at 15, exponent/mantissa bits at 8..6; the e=0 codes
-    land on bf16 subnormals): a bf16 multiply by the block scale * 2^119 then gives
-    e2m1 * e4m3 * 2^-7 exactly (at most 6 significant bits, at least 2^-17: a normal bf16), with
-    no fp32 round trip."""
-    if I == 0:
-        mag = (word << 6) & 0x01C001C0
-    elif I == 1:
-        mag = (word << 2) & 0x01C001C0
-    elif I == 2:
-        mag = (word >> 2) & 0x01C001C0
-    else:
-        mag = (word >> 6) & 0x01C001C0
-    bits = mag | ((word << (12 - 4 * I)) & 0x80008000)
+    bf16 bits: the 3 exponent/mantissa bits at 8..6 (the e=0 codes land on bf16 subnormals): a
+    bf16 multiply by the block scale * 2^119 then gives e2m1 * e4m3 * 2^-7 exactly (at most 6
+    significant bits, at least 2^-17: a normal bf16), with no fp32 round trip."""
+    bits = lane_bits(word, I, 6)
     lo = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     hi = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return lo, hi
@@ -207,10 +207,8 @@ def _small_m_dot(a_ptr, w_ptr, s_ptr, offs_n, n_mask, M, c_lo, c_hi, stride_am, 
         word = tl.load(w_ptr + offs_n[None, :] * stride_wn + c0 * 4 + r[:, None], mask=ok,
                        other=0).to(tl.uint32, bitcast=True)
         s_row = s_ptr + offs_n[None, :] * stride_sn + 2 * c[:, None]
-        s_a = (tl.load(s_row, mask=ok, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-               * BF16_SCALE_BIAS).to(tl.bfloat16)
-        s_b = (tl.load(s_row + 1, mask=ok, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-               * BF16_SCALE_BIAS).to(tl.bfloat16)
+        s_a = e4m3_scale(tl.load(s_row, mask=ok, other=0), BF16_SCALE_BIAS).to(tl.bfloat16)
+        s_b = e4m3_scale(tl.load(s_row + 1, mask=ok, other=0), BF16_SCALE_BIAS).to(tl.bfloat16)
         x = a_ptr + rows[:, None] * stride_am + c[None, :] * 32 + (r % 4)[None, :]
         x_ok = r_ok[:, None] & c_ok[None, :]
         for i in tl.static_range(4):
