@@ -230,8 +230,8 @@ def main():
     del d
     torch.cuda.empty_cache()
     # linear-weight bytes each path reads: the non-NVFP4 weights, plus the NVFP4 layers' codes and
-    # e4m3 scales (dequant), the w4a16 words (they replace the codes, which are then parked and
-    # no parameters) and the scales (w4a16), or the FP8 weights and row scales (fp8)
+    # e4m3 scales (dequant), the w4a16 words (the codes in another order) and the scales (w4a16),
+    # or the FP8 weights and row scales (fp8)
     nvfp4_params = sum(p.numel() * p.element_size() for m in modules for n, p in m.named_parameters()
                        if n.startswith(("packed", "scale", "prep_")))
     dense = weight_bytes(q) - nvfp4_params

@@ -85,7 +85,7 @@ def _small_m_acc(a_ptr, w_ptr, offs_n, n_mask, M, K, stride_am, stride_wn,
 def _quick_bench(kernel_call, quantiles):
     """The autotuner's timer, shortened (5 ms warm-up, 20 ms of calls per config instead of
     25 + 100): these kernels take microseconds, and every new (N, K, rows) shape is tuned on its
-    first call, which for a FLUX model's ~12 shapes happens inside preparation's self-check."""
+    first call, inside the first sampling step."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
