@@ -145,12 +145,19 @@ class FP8Backend(Backend):
     def _scaled_mm(self, x2, w, ws, b, out_dtype):
         """Per-token FP8 activations x FP8 weights on cuBLASLt; None where cuBLASLt rejects the shape."""
         from .triton_fp8 import act_quant_fp8
-        m = x2.shape[0]
+        if (max(x2.shape[0], SCALED_MM_MIN_M), w.shape[0], w.shape[1]) in _SCALED_MM_REJECTED:
+            return None
+        q, xs = act_quant_fp8(x2)
+        return self.gemm_quantized(q, xs, w, ws, b, out_dtype)
+
+    def gemm_quantized(self, q, xs, w, ws, b, out_dtype):
+        """(fp8 [M, K], fp32 row scales [M, 1]) x FP8 weights -> [M, N] on cuBLASLt, bias fused;
+        None where cuBLASLt rejects the shape (logged once per shape)."""
+        m = q.shape[0]
         mp = max(m, SCALED_MM_MIN_M)
         key = (mp, w.shape[0], w.shape[1])
         if key in _SCALED_MM_REJECTED:
             return None
-        q, xs = act_quant_fp8(x2)
         if m < mp:
             q = torch.cat([q, q.new_zeros(mp - m, q.shape[1])])
             xs = torch.cat([xs, xs.new_ones(mp - m, 1)])
@@ -164,6 +171,22 @@ class FP8Backend(Backend):
             log.warning("NVFP4 fp8: cuBLASLt has no rowwise FP8 GEMM for M=%d N=%d K=%d; such layers run "
                         "'fp8-dq' (FP8 weights dequantized, bf16 GEMM)", *key)
             return None
+
+    def run_quantized(self, module, q, xs, out_dtype):
+        """The layer on activations already quantized per token (the fused blocks' kernels made
+        them): [M, K] fp8 + [M, 1] scales -> [M, N] in out_dtype. Records the path taken."""
+        w = module.prep(self.name, "w", q.device)
+        ws = module.prep(self.name, "ws", q.device)
+        b = module.t("bias", q.device)
+        b = None if b is None else b.to(out_dtype)
+        y = self.gemm_quantized(q, xs, w, ws, b, out_dtype)
+        if y is None:
+            x = (q.to(torch.float32) * xs).to(out_dtype)
+            y = torch.nn.functional.linear(x, dequant_fp8(w, ws, out_dtype), b)
+            module.last_path = "fp8-dq"
+        else:
+            module.last_path = "fp8-fused"
+        return y
 
 
 class W4A16Backend(Backend):

@@ -189,15 +189,18 @@ class NVFP4LinearModule(torch.nn.Module):
             return torch.nn.functional.linear(x, w, None if b is None else b.to(x.dtype))
         if self.format == FP8:  # FP8 layers of "mixed" files: the 4-bit backends don't apply
             return fp8_dequant_linear(self, x)
+        return registry.get(self.backend_name()).run(self, x)
+
+    def backend_name(self) -> str:
+        """The backend this NVFP4 layer runs on now: the sampling run's, else its own; under
+        'auto' the one the autotuner chose for its shape."""
         name = ACTIVE_BACKEND.get() or self.backend
         if name == registry.AUTO:
             name = self.auto_choice
             if name is None:
                 raise RuntimeError(f"{self.layer_name}: 'auto' has not chosen a backend for this layer "
                                    f"(run the model through the NVFP4 GEMM Backend node)")
-        backend = registry.get(name)
-        y = backend.run(self, x)
-        return y
+        return name
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "

@@ -1,0 +1,189 @@
+"""Triton kernels of the fused FLUX.1 blocks (fp8 backend, kernels/fused_blocks.py).
+
+Each kernel replaces a chain of ComfyUI's elementwise passes around a linear layer with one pass
+that reads each activation once and writes what the next GEMM (or attention) reads:
+
+ln_mod_quant:  LayerNorm (no affine) -> x * (1 + scale) + shift -> per-token FP8 e4m3 + row scale
+               (ComfyUI: layer_norm, addcmul, then our act_quant: three reads, two bf16 writes).
+gelu_quant:    [prefix | GELU-tanh(h)] -> per-token FP8 (the MLP's second linear; in single blocks
+               the prefix is the attention output, which ComfyUI concatenates first).
+qk_norm_rope:  q, k RMSNorm with their weights -> RoPE; q, k, v written straight into the
+               [B, H, L, D] tensors attention reads, at a token offset (ComfyUI: rms_norm x2,
+               casts, torch.cat x3, apply_rope).
+
+Where ComfyUI rounds an intermediate to bf16 (the LayerNorm and RMSNorm outputs, 1 + scale, the
+GELU output) these kernels round at the same point, so they compute what ComfyUI's block computes
+up to the order of fp32 sums; the activations are then quantized from fp32, not from a bf16 copy.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_bf16(x):
+    return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def _store_fp8_row(q_ptr, s_ptr, row, y, cols, mask, amax):
+    s = tl.maximum(amax, 1e-12) / 448.0
+    tl.store(q_ptr + cols, tl.clamp(y / s, -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def _ln_mod_quant_kernel(x_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr, K, rows_per_batch,
+                         stride_xm, stride_mb, stride_qm, eps, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < K
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 0) / K
+    d = tl.where(mask, x - mean, 0.0)
+    xn = _round_bf16(d * tl.rsqrt(tl.sum(d * d, 0) / K + eps))
+    b = row // rows_per_batch
+    shift = tl.load(shift_ptr + b * stride_mb + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + b * stride_mb + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xn * _round_bf16(1.0 + scale) + shift
+    _store_fp8_row(q_ptr + row * stride_qm, s_ptr, row, y, cols, mask, tl.max(tl.abs(y), 0))
+
+
+@triton.jit
+def _gelu_tanh(h):
+    # tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits for large |u| (exp -> inf or 0)
+    u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+    return 0.5 * h * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+
+
+@triton.jit
+def _gelu_quant_kernel(a_ptr, h_ptr, q_ptr, s_ptr, KA, KH, stride_am, stride_hm, stride_qm,
+                       BLOCK_A: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    ca = tl.arange(0, BLOCK_A)
+    ma = ca < KA
+    a = tl.load(a_ptr + row * stride_am + ca, mask=ma, other=0.0).to(tl.float32)
+    ch = tl.arange(0, BLOCK_H)
+    mh = ch < KH
+    h = tl.load(h_ptr + row * stride_hm + ch, mask=mh, other=0.0).to(tl.float32)
+    g = _round_bf16(_gelu_tanh(h))  # GELU(0) = 0: masked lanes stay 0 for the amax
+    amax = tl.maximum(tl.max(tl.abs(a), 0), tl.max(tl.abs(g), 0))
+    s = tl.maximum(amax, 1e-12) / 448.0
+    q = q_ptr + row * stride_qm
+    tl.store(q + ca, tl.clamp(a / s, -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=ma)
+    tl.store(q + KA + ch, tl.clamp(g / s, -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=mh)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def _rms_rope(src, w_ptr, f00, f01, f10, f11, hh, hm, eps, BH: tl.constexpr, D: tl.constexpr):
+    """[BH, D] heads of q or k: RMSNorm * weight (rounded to bf16 like ComfyUI's rms_norm
+    output), then each (even, odd) lane pair rotated by its 2x2 RoPE matrix, in fp32.
+    Contiguous loads and stores; the pairs come from a [BH, D/2, 2] view (strided even/odd
+    loads ran this kernel 8x slower on the H100)."""
+    d = tl.arange(0, D)
+    x = tl.load(src + hh[:, None] * D + d[None, :], mask=hm[:, None], other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+    n = _round_bf16(x * r * tl.load(w_ptr + d).to(tl.float32)[None, :])
+    ne, no = tl.split(tl.reshape(n, (BH, D // 2, 2)))
+    return tl.reshape(tl.join(f00 * ne + f01 * no, f10 * ne + f11 * no), (BH, D))
+
+
+@triton.jit
+def _qk_norm_rope_kernel(src_ptr, qw_ptr, kw_ptr, pe_ptr, q_ptr, k_ptr, v_ptr, L, H,
+                         stride_sb, stride_sl, stride_pb, stride_pl, stride_ob, stride_oh, stride_ol,
+                         tok_off, eps_q, eps_k, D: tl.constexpr, BH: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // L
+    tok = pid % L
+    hh = tl.arange(0, BH)
+    hm = hh < H
+    i = tl.arange(0, D // 2)
+    d = tl.arange(0, D)
+    src = src_ptr + b * stride_sb + tok * stride_sl  # [3, H, D]: q, k, v of this token
+    f = pe_ptr + b * stride_pb + (tok_off + tok) * stride_pl + 4 * i  # [D/2, 2, 2] rotations
+    f00 = tl.load(f)[None, :]
+    f01 = tl.load(f + 1)[None, :]
+    f10 = tl.load(f + 2)[None, :]
+    f11 = tl.load(f + 3)[None, :]
+    dst = b * stride_ob + hh[:, None] * stride_oh + (tok_off + tok) * stride_ol + d[None, :]
+    m = hm[:, None]
+    q = _rms_rope(src, qw_ptr, f00, f01, f10, f11, hh, hm, eps_q, BH, D)
+    tl.store(q_ptr + dst, q.to(q_ptr.dtype.element_ty), mask=m)
+    k = _rms_rope(src + H * D, kw_ptr, f00, f01, f10, f11, hh, hm, eps_k, BH, D)
+    tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=m)
+    v = tl.load(src + 2 * H * D + hh[:, None] * D + d[None, :], mask=m, other=0.0)
+    tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=m)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [M, K] with unit column stride (a view where the layout allows)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+def _warps(block: int) -> int:
+    # H100, 4608 rows: K=3072 (block 4096) 25 us with 4 warps vs 29 with 8; K=12288 91 us with
+    # 8 vs 95 with 16 (measured 2026-11-28)
+    return 4 if block <= 4096 else 8
+
+
+def ln_mod_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                 code_dtype=torch.float8_e4m3fn):
+    """x [B, L, K]; shift, scale [B, 1, K] (views of the modulation output) ->
+    (fp8 e4m3 [B*L, K], fp32 row scales [B*L, 1]) of layer_norm(x) * (1 + scale) + shift.
+    code_dtype=torch.float32 returns the scaled values before the e4m3 rounding (tests)."""
+    bsz, length, k = x.shape
+    if shift.shape != (bsz, 1, k) or scale.shape != (bsz, 1, k) or shift.stride() != scale.stride():
+        raise ValueError(f"ln_mod_quant: shift {tuple(shift.shape)} / scale {tuple(scale.shape)} do not "
+                         f"modulate x {tuple(x.shape)}")
+    x2 = _rows(x)
+    q = torch.empty(x2.shape, device=x.device, dtype=code_dtype)
+    s = torch.empty((x2.shape[0], 1), device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+    _ln_mod_quant_kernel[(x2.shape[0],)](x2, shift, scale, q, s, k, length, x2.stride(0), shift.stride(0),
+                                         q.stride(0), eps, BLOCK_K=block, num_warps=_warps(block))
+    return q, s
+
+
+def gelu_quant(h: torch.Tensor, prefix: torch.Tensor | None = None, code_dtype=torch.float8_e4m3fn):
+    """[prefix | gelu_tanh(h)] along the last dim -> (fp8 [M, KA + KH], fp32 row scales [M, 1]).
+    code_dtype as in ln_mod_quant."""
+    h2 = _rows(h)
+    m, kh = h2.shape
+    a2 = _rows(prefix) if prefix is not None else h2[:, :0]
+    if a2.shape[0] != m:
+        raise ValueError(f"gelu_quant: prefix has {a2.shape[0]} rows, h has {m}")
+    ka = a2.shape[1]
+    q = torch.empty((m, ka + kh), device=h.device, dtype=code_dtype)
+    s = torch.empty((m, 1), device=h.device, dtype=torch.float32)
+    ba, bh = max(16, triton.next_power_of_2(ka)), triton.next_power_of_2(kh)
+    _gelu_quant_kernel[(m,)](a2, h2, q, s, ka, kh, a2.stride(0), h2.stride(0), q.stride(0),
+                             BLOCK_A=ba, BLOCK_H=bh, num_warps=_warps(ba + bh))
+    return q, s
+
+
+def qk_norm_rope(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 eps_q: float, eps_k: float, pe: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, tok_off: int) -> None:
+    """qkv [B, L, 3*H*D] (rows may be strided: a slice of a wider GEMM output) -> q, k normed and
+    rotated, v copied, into q/k/v [B, H, L_all, D] at tokens tok_off .. tok_off + L.
+    pe: ComfyUI's rotations [B or 1, 1, L_all, D/2, 2, 2] fp32."""
+    bsz, length, width = qkv.shape
+    d = width // (3 * heads)
+    if qkv.stride(2) != 1 or width != 3 * heads * d or d % 2 or (d & (d - 1)):
+        raise ValueError(f"qk_norm_rope: qkv {tuple(qkv.shape)} is not [B, L, 3 * {heads} * D] with D a power of two")
+    if q.shape != k.shape or q.shape != v.shape or q.shape[0] != bsz or q.shape[1] != heads or q.shape[3] != d \
+            or tok_off + length > q.shape[2] or q.stride() != k.stride() or q.stride() != v.stride() or q.stride(3) != 1:
+        raise ValueError(f"qk_norm_rope: outputs {tuple(q.shape)} do not hold [B, {heads}, >= {tok_off + length}, {d}]")
+    if pe.dim() != 6 or pe.shape[2] < tok_off + length or pe.shape[3:] != (d // 2, 2, 2) or pe.shape[0] not in (1, bsz):
+        raise ValueError(f"qk_norm_rope: pe {tuple(pe.shape)} is not [B, 1, >= {tok_off + length}, {d // 2}, 2, 2]")
+    if pe.dtype != torch.float32 or pe.stride(5) != 1 or pe.stride(4) != 2 or pe.stride(3) != 4:
+        pe = pe.float().contiguous()
+    stride_pb = pe.stride(0) if pe.shape[0] > 1 else 0
+    _qk_norm_rope_kernel[(bsz * length,)](qkv, q_weight, k_weight, pe, q, k, v, length, heads,
+                                          qkv.stride(0), qkv.stride(1), stride_pb, pe.stride(2),
+                                          q.stride(0), q.stride(1), q.stride(2), tok_off, eps_q, eps_k,
+                                          D=d, BH=triton.next_power_of_2(heads), num_warps=4)

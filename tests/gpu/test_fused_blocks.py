@@ -1,0 +1,236 @@
+"""Fused FLUX.1 blocks (fp8) on a real GPU: the kernels with real bf16/fp8 rounding, then whole
+blocks and a small Flux model against ComfyUI's own (COMFYUI_PATH: a ComfyUI checkout; the
+block tests skip without it)."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comfyui_nvfp4.kernels import fused_blocks, registry, triton_fused
+from comfyui_nvfp4.kernels.module import NVFP4LinearModule, active_backend
+from comfyui_nvfp4.kernels.triton_fp8 import act_quant_fp8
+from comfyui_nvfp4.quant import nvfp4
+from comfyui_nvfp4.quant.layers import DenseLinear, NVFP4Linear
+
+DEV = torch.device("cuda")
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def fp8_codes_match(q, s, ref_bf16):
+    """q/s is the per-token FP8 of ref (ComfyUI's bf16 ops), as accurate as act_quant_fp8 of ref.
+    The fused kernels quantize fp32 values, not ref's bf16 copy: a code sitting near an e4m3
+    rounding midpoint may land one step away from act_quant_fp8's."""
+    ref = ref_bf16.reshape(q.shape).float()
+    rq, rs = act_quant_fp8(ref_bf16.reshape(q.shape))
+    torch.testing.assert_close(s, rs, rtol=1e-2, atol=0)
+    assert (q.float() != rq.float()).float().mean() < 0.1  # codes one step apart, a few %
+    assert rel(q.float() * s, ref) < 1.02 * rel(rq.float() * rs, ref) + 1e-4
+
+
+@pytest.mark.parametrize("bsz,length,k", [(1, 4608, 3072), (2, 37, 1000)])
+def test_ln_mod_quant_matches_layernorm_addcmul_act_quant(bsz, length, k):
+    x = torch.randn(bsz, length, k, device=DEV, dtype=torch.bfloat16) * 3 + 0.5
+    mod = torch.randn(bsz, 1, 6 * k, device=DEV, dtype=torch.bfloat16) * 0.3
+    shift, scale = mod[..., :k], mod[..., k:2 * k]
+    q, s = triton_fused.ln_mod_quant(x, shift, scale, 1e-6)
+    ref = torch.addcmul(shift, F.layer_norm(x, (k,), eps=1e-6), 1 + scale)  # ComfyUI's bf16 ops
+    fp8_codes_match(q, s, ref)
+
+
+@pytest.mark.parametrize("prefix", [0, 3072])
+def test_gelu_quant_matches_cat_gelu_act_quant(prefix):
+    out1 = torch.randn(2, 300, 9216 + 12288, device=DEV, dtype=torch.bfloat16) * 2
+    h = out1[..., 9216:]
+    a = torch.randn(2, 300, prefix, device=DEV, dtype=torch.bfloat16) if prefix else None
+    q, s = triton_fused.gelu_quant(h, prefix=a)
+    g = F.gelu(h, approximate="tanh")
+    fp8_codes_match(q, s, torch.cat([a, g], -1) if prefix else g)
+
+
+def test_qk_norm_rope_matches_rms_norm_and_rope_within_a_bf16_step():
+    bsz, heads, d, l_txt, length = 2, 24, 128, 16, 300
+    qkv = torch.randn(bsz, length, 3 * heads * d + 64, device=DEV, dtype=torch.bfloat16)[..., :3 * heads * d]
+    pos = torch.randn(1, l_txt + length, d // 2, device=DEV) * 50
+    pe = torch.stack([pos.cos(), -pos.sin(), pos.sin(), pos.cos()], -1).reshape(1, 1, l_txt + length, d // 2, 2, 2)
+    qw = torch.randn(d, device=DEV, dtype=torch.bfloat16)
+    kw = torch.randn(d, device=DEV, dtype=torch.bfloat16)
+    q, k, v = [torch.full((bsz, heads, l_txt + length, d), float("nan"), device=DEV, dtype=torch.bfloat16)
+               for _ in range(3)]
+    eps_k = torch.finfo(torch.bfloat16).eps
+    triton_fused.qk_norm_rope(qkv, heads, qw, kw, 1e-6, eps_k, pe, q, k, v, l_txt)
+    rq, rk, rv = qkv.view(bsz, length, 3, heads, d).permute(2, 0, 3, 1, 4)
+
+    def rope(x):
+        x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+        f = pe[:, :, l_txt:]
+        return (f[..., 0] * x_[..., 0] + f[..., 1] * x_[..., 1]).reshape(*x.shape).bfloat16()
+    for got, want in ((q, rope(F.rms_norm(rq, (d,), qw, 1e-6))), (k, rope(F.rms_norm(rk, (d,), kw, eps_k)))):
+        got = got[:, :, l_txt:].float()
+        # one bf16 rounding of the normed value may differ (sum order): a step of the largest input
+        assert (got - want.float()).abs().max() <= 2 * 2.0 ** -8 * want.float().abs().max()
+        assert rel(got, want) < 2e-3
+    assert torch.equal(v[:, :, l_txt:], rv)
+    assert q[:, :, :l_txt].isnan().all() and k[:, :, :l_txt].isnan().all() and v[:, :, :l_txt].isnan().all()
+
+
+# ---- whole blocks against ComfyUI's ----
+
+def comfy():
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip("COMFYUI_PATH is not set: the block tests compare with ComfyUI's own FLUX blocks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.ldm.flux.layers
+    import comfy.ldm.flux.model
+    import comfy.ops
+    from comfy.ldm.modules.attention import optimized_attention
+    return comfy.ldm.flux, comfy.ops, optimized_attention
+
+
+def random_ops(comfy_ops, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+
+    class Linear(NVFP4LinearModule):
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            super().__init__(in_features, out_features, bias)
+            w = torch.randn(out_features, in_features, device=DEV, generator=g) / math.sqrt(in_features)
+            b = (torch.randn(out_features, device=DEV, generator=g) * 0.05).bfloat16() if bias else None
+            self.set_layer(NVFP4Linear([nvfp4.quantize(w)], b))
+
+    class Ops(comfy_ops.manual_cast):
+        pass
+    Ops.Linear = Linear
+    return Ops
+
+
+def init_norms(model, seed=3):
+    """ComfyUI's RMSNorm leaves its weight uninitialized (checkpoints fill it): random here,
+    away from 1 so that a kernel ignoring the weight fails."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    for n in model.modules():
+        if isinstance(n, torch.nn.RMSNorm):
+            n.weight.data = (torch.rand(n.weight.shape, device=DEV, generator=g) + 0.5).to(n.weight.dtype)
+
+
+def prepare_fp8(model):
+    fp8 = registry.get("fp8")
+    for n, m in model.named_modules():
+        if isinstance(m, NVFP4LinearModule):
+            m.layer_name = n
+            m.set_prepared("fp8", fp8.prepare(m))
+
+
+def dense_twin(model):
+    """The same model with bf16 dequantized weights (the accuracy reference)."""
+    import copy
+    d = copy.deepcopy(model)
+    for m in d.modules():
+        if isinstance(m, NVFP4LinearModule):
+            m.drop_prepared()
+            m.set_layer(DenseLinear(m.canonical().dequantize(torch.bfloat16), m._parameters.get("bias")))
+    return d
+
+
+def block_inputs(flux, hidden, heads, l_txt, l_img, bsz=1):
+    g = torch.Generator(device=DEV).manual_seed(5)
+    emb = flux.layers.EmbedND(dim=hidden // heads, theta=10000, axes_dim=[16, 56, 56])
+    ids = torch.zeros(bsz, l_txt + l_img, 3, device=DEV)
+    side = int(math.isqrt(l_img))
+    ids[:, l_txt:, 1] = (torch.arange(l_img, device=DEV) // side).float()
+    ids[:, l_txt:, 2] = (torch.arange(l_img, device=DEV) % side).float()
+    return dict(img=torch.randn(bsz, l_img, hidden, device=DEV, generator=g).bfloat16(),
+                txt=torch.randn(bsz, l_txt, hidden, device=DEV, generator=g).bfloat16(),
+                vec=torch.randn(bsz, hidden, device=DEV, generator=g).bfloat16(),
+                pe=emb(ids))
+
+
+@pytest.mark.parametrize("bsz", [1, 2])
+def test_fused_double_and_single_blocks_match_comfyui_blocks(bsz):
+    flux, comfy_ops, attention = comfy()
+    hidden, heads = 512, 4
+    ops = random_ops(comfy_ops, seed=bsz)
+    double = flux.layers.DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, dtype=torch.bfloat16,
+                                           device=DEV, operations=ops).to(DEV)
+    single = flux.layers.SingleStreamBlock(hidden, heads, 4.0, dtype=torch.bfloat16, device=DEV,
+                                           operations=ops).to(DEV)
+    init_norms(double)
+    init_norms(single)
+    assert fused_blocks.unfusable_reason(double, "double") is None
+    assert fused_blocks.unfusable_reason(single, "single") is None
+    prepare_fp8(double)
+    prepare_fp8(single)
+    dd, ds = dense_twin(double), dense_twin(single)
+    a = block_inputs(flux, hidden, heads, l_txt=40, l_img=256, bsz=bsz)
+    x = torch.cat([a["txt"], a["img"]], 1)
+    with torch.inference_mode(), active_backend("fp8"):
+        assert fused_blocks.not_now_reason(double, "double", a["img"], a["vec"], a["pe"], {}) is None
+        ref_img, ref_txt = dd(a["img"].clone(), a["txt"].clone(), a["vec"], a["pe"])
+        ref_x = ds(x.clone(), a["vec"], a["pe"])
+        unf_img, unf_txt = double(a["img"].clone(), a["txt"].clone(), a["vec"], a["pe"])
+        unf_x = single(x.clone(), a["vec"], a["pe"])
+        assert {m.last_path for m in fused_blocks.linears(double, "double")} == {"fp8"}
+        img, txt = fused_blocks.double_block(double, a["img"].clone(), a["txt"].clone(), a["vec"], a["pe"],
+                                             None, {}, attention)
+        fx = fused_blocks.single_block(single, x.clone(), a["vec"], a["pe"], None, {}, attention)
+    assert {m.last_path for m in fused_blocks.linears(double, "double") + fused_blocks.linears(single, "single")} \
+        == {"fp8-fused"}
+    # residual streams: compare what the block added (the input itself would hide errors)
+    for got, unfused, ref, inp in ((img, unf_img, ref_img, a["img"]), (txt, unf_txt, ref_txt, a["txt"]),
+                                   (fx, unf_x, ref_x, x)):
+        d_got, d_unf, d_ref = got.float() - inp.float(), unfused.float() - inp.float(), ref.float() - inp.float()
+        # fused and unfused quantize the same activations at other rounding points (fp32 vs a
+        # bf16 copy), so their FP8 errors differ; each is ~3% from the bf16 block
+        print(f"block delta: fused vs unfused {rel(d_got, d_unf):.4f}, fused vs bf16 {rel(d_got, d_ref):.4f}, "
+              f"unfused vs bf16 {rel(d_unf, d_ref):.4f}")
+        assert rel(d_got, d_unf) < 0.06
+        assert rel(d_got, d_ref) < 1.1 * rel(d_unf, d_ref) + 1e-3  # no less accurate than unfused fp8
+
+
+def test_flux_model_with_fused_block_patches_matches_unfused():
+    flux, comfy_ops, _ = comfy()
+    from comfyui_nvfp4.nodes import block_patches
+    ops = random_ops(comfy_ops, seed=7)
+    model = flux.model.Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=64, context_in_dim=96,
+                            hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
+                            axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+                            txt_ids_dims=[], dtype=torch.bfloat16, device=DEV, operations=ops).to(DEV)
+    init_norms(model)
+    prepare_fp8(model)
+    g = torch.Generator(device=DEV).manual_seed(2)
+    inputs = dict(x=torch.randn(1, 16, 32, 32, device=DEV, generator=g).bfloat16(),
+                  timestep=torch.tensor([0.7], device=DEV), guidance=torch.tensor([3.5], device=DEV),
+                  context=torch.randn(1, 24, 96, device=DEV, generator=g).bfloat16(),
+                  y=torch.randn(1, 64, device=DEV, generator=g).bfloat16())
+    patches, skipped = block_patches.block_patches(model)
+    assert len(patches) == 4 and not skipped
+    dense = dense_twin(model)
+    with torch.inference_mode():
+        ref = dense(**inputs)
+    with torch.inference_mode(), active_backend("fp8"):
+        unfused = model(**inputs)
+        fused = model(**inputs, transformer_options={"patches_replace": {"dit": patches}})
+        paths = {m.last_path for m in model.modules() if isinstance(m, NVFP4LinearModule)}
+    assert "fp8-fused" in paths
+    assert torch.isfinite(fused).all()
+    print(f"model: fused vs unfused {rel(fused, unfused):.4f}, fused vs bf16 {rel(fused, ref):.4f}, "
+          f"unfused vs bf16 {rel(unfused, ref):.4f}")
+    assert rel(fused, unfused) < 0.06
+    assert rel(fused, ref) < 1.1 * rel(unfused, ref) + 1e-3
+    # a layer on another backend: the patch runs ComfyUI's block (w4a16 here), nothing fused
+    w4 = registry.get("w4a16")
+    blk = model.single_blocks[0]
+    for m in model.modules():
+        if isinstance(m, NVFP4LinearModule):
+            m.set_prepared("w4a16", w4.prepare(m))
+            m.last_path = None
+    with torch.inference_mode(), active_backend("w4a16"):
+        model(**inputs, transformer_options={"patches_replace": {"dit": patches}})
+    paths = {m.last_path for m in fused_blocks.linears(blk, "single")}
+    assert paths and all(p.startswith("w4a16") for p in paths), paths  # w4a16 / w4a16-dq
