@@ -7,9 +7,9 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.utils
 
-from ..kernels import autotune, env_override, preparation, registry
+from ..kernels import autotune, env_override, fused_blocks, preparation, registry
 from ..kernels.module import NVFP4LinearModule, active_backend
-from . import path_report
+from . import block_patches, path_report
 
 log = logging.getLogger("comfyui_nvfp4")
 WRAPPER_KEY = "comfyui_nvfp4.backend"
@@ -86,7 +86,7 @@ def make_wrapper(backend_name: str, node_id: str | None):
     return outer_sample
 
 
-def apply_backend(patcher, choice: str, node_id: str | None = None):
+def apply_backend(patcher, choice: str, node_id: str | None = None, fuse_blocks: bool = True):
     modules = nvfp4_modules(patcher)  # one walk of the model serves selection, preparation, report
     if not modules:
         raise ValueError("this MODEL has no NVFP4 layers: connect it to 'Load NVFP4 Diffusion Model'")
@@ -97,9 +97,15 @@ def apply_backend(patcher, choice: str, node_id: str | None = None):
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                make_wrapper(active, node_id))
+    block_patches.remove(model)
+    fusion = None
+    if fuse_blocks and any(m.format == "nvfp4" and backend_for(m).name == fused_blocks.BACKEND for m in modules):
+        fusion = block_patches.install(model)
     formats = path_report.format_counts(modules)
     text = (f"{choice} -> {chosen}\non {registry.describe_device(device)}; layers: "
             + path_report.summary_text(formats))
+    if fusion:
+        text += "\n" + fusion
     if info["prepared_layers"]:
         cos = info["self_check_min_cosine"]
         text += (f"\nprepared {info['prepared_layers']} layers in {info['seconds']:.2f} s"

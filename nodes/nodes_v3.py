@@ -63,14 +63,17 @@ class NVFP4Backend(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("backend", options=[registry.AUTO] + registry.names(), default=registry.AUTO),
+                io.Boolean.Input("fuse_blocks", default=True, optional=True,
+                                 tooltip="fp8: run FLUX.1 blocks with fused norm/modulation/quantization, "
+                                         "QK-norm/RoPE and GELU kernels around the FP8 GEMMs"),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, backend) -> io.NodeOutput:
-        out, _active, text = backend_apply.apply_backend(model, backend, cls.hidden.unique_id)
+    def execute(cls, model, backend, fuse_blocks=True) -> io.NodeOutput:
+        out, _active, text = backend_apply.apply_backend(model, backend, cls.hidden.unique_id, fuse_blocks)
         return io.NodeOutput(out, ui=ui.PreviewText(text))
 
 

@@ -1,0 +1,97 @@
+"""The fused-block replacements (nodes/block_patches.py) inside a real ComfyUI model, on the CPU:
+which blocks they take, how they sit in ModelPatcher options next to another node's, and that a
+call they cannot fuse (here: no CUDA) runs ComfyUI's own block and gives its exact result.
+The fused forward itself is compared with ComfyUI's blocks on the GPU (tests/gpu/test_fused_blocks.py)."""
+import sys
+
+import pytest
+import torch
+
+from comfy_driver import comfyui_path
+from comfyui_nvfp4.quant import names, quantize_checkpoint
+from comfyui_nvfp4.quant.shapes import FluxDims
+from comfyui_nvfp4.quant.synthetic import write_synthetic
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    path = comfyui_path()
+    sys.path.insert(0, str(path))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    return path
+
+
+def load(tmp_path, arch):
+    from comfyui_nvfp4.nodes.comfy_loading import load_nvfp4_model
+    bf = tmp_path / f"{arch}.safetensors"
+    write_synthetic(bf, FluxDims.tiny(arch), seed=3)
+    ck = tmp_path / f"{arch}_q.safetensors"
+    quantize_checkpoint(bf, "comfy", ck, progress=False)
+    return load_nvfp4_model(ck, "bf16")
+
+
+def dit(patcher):
+    return patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+
+
+def test_flux1_blocks_are_replaced_flux2_blocks_are_not(comfy, tmp_path):
+    from comfyui_nvfp4.nodes import block_patches
+    m1 = load(tmp_path, names.FLUX1).clone()
+    dm = m1.model.diffusion_model
+    text = block_patches.install(m1)
+    n = len(dm.double_blocks) + len(dm.single_blocks)
+    assert text == f"fused fp8 blocks: {n}"
+    assert set(dit(m1)) == {("double_block", i) for i in range(len(dm.double_blocks))} | \
+        {("single_block", i) for i in range(len(dm.single_blocks))}
+    m2 = load(tmp_path, names.FLUX2).clone()
+    text = block_patches.install(m2)
+    dm2 = m2.model.diffusion_model
+    assert text == (f"fused fp8 blocks: 0 (not fused: {len(dm2.double_blocks) + len(dm2.single_blocks)} "
+                    f"global modulation (FLUX.2-style block))")
+    assert not dit(m2)
+
+
+def test_other_nodes_replacements_are_kept_and_ours_removed_without_touching_the_source(comfy, tmp_path):
+    from comfyui_nvfp4.nodes import block_patches
+    base = load(tmp_path, names.FLUX1)
+
+    def theirs(args, extra):
+        return extra["original_block"](args)
+    other = base.clone()
+    other.set_model_patch_replace(theirs, "dit", "double_block", 0)
+    ours = other.clone()
+    text = block_patches.install(ours)
+    assert "1 replaced by another node" in text
+    assert dit(ours)[("double_block", 0)] is theirs
+    assert getattr(dit(ours)[("single_block", 0)], "nvfp4_fused", False)
+    again = ours.clone()
+    block_patches.remove(again)
+    assert dit(again) == {("double_block", 0): theirs}
+    assert len(dit(ours)) > 1 and len(dit(other)) == 1  # clones share nothing we changed
+
+
+def test_unfusable_call_runs_comfyui_block_exactly(comfy, tmp_path):
+    from comfyui_nvfp4.kernels import fused_blocks
+    from comfyui_nvfp4.kernels.module import active_backend
+    from comfyui_nvfp4.nodes import block_patches
+    patcher = load(tmp_path, names.FLUX1)
+    dm = patcher.model.diffusion_model
+    patches, skipped = block_patches.block_patches(dm)
+    assert not skipped
+    blk = dm.double_blocks[0]
+    x = torch.randn(1, 16, dm.hidden_size).bfloat16()
+    assert "on cpu" in fused_blocks.not_now_reason(blk, "double", x, torch.zeros(1, dm.hidden_size), x, {})
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(x=torch.randn(1, 16, 8, 8, generator=g).bfloat16(), timestep=torch.tensor([0.5]),
+                  context=torch.randn(1, 8, 64, generator=g).bfloat16(),
+                  y=torch.randn(1, 32, generator=g).bfloat16(), guidance=torch.tensor([3.5]))
+    block_patches._LOGGED.clear()
+    with torch.inference_mode(), active_backend("dequant"):
+        plain = dm(**inputs)
+        assert not block_patches._LOGGED
+        patched = dm(**inputs, transformer_options={"patches_replace": {"dit": patches}})
+    assert torch.equal(plain, patched)
+    # the patches ran, found the call unfusable and said why
+    assert {k.split(":")[0] for k in block_patches._LOGGED} == {"double", "single"}
