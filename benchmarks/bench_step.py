@@ -60,6 +60,8 @@ def build(comfy_ops, quantized: bool, dev):
     Ops.Linear = Linear
     model = fm.Flux(image_model="flux", dtype=torch.bfloat16, device=dev, operations=Ops, **DIMS)
     for n, m in model.named_modules():
+        if isinstance(m, torch.nn.RMSNorm):  # ComfyUI leaves these uninitialized (checkpoints fill them)
+            m.weight.data = (torch.rand(m.weight.shape, device=dev, generator=g) * 0.5 + 0.75).to(m.weight.dtype)
         if isinstance(m, Linear):
             m.layer_name = n
             if names.is_excluded(n, None, names.DEFAULT_EXCLUDE) and m.format == "nvfp4":
@@ -91,6 +93,16 @@ def step_inputs(dev):
                 guidance=torch.tensor([3.5], device=dev, dtype=torch.float32))
 
 
+FUSED = "fp8+fused"  # the fp8 backend with the fused FLUX.1 blocks (nodes/block_patches.py)
+
+
+def path_args(path, inputs, patches):
+    """(backend, model inputs) of a path: fp8+fused runs fp8 with the dit block replacements."""
+    if path == FUSED:
+        return "fp8", {**inputs, "transformer_options": {"patches_replace": {"dit": patches}}}
+    return path, inputs
+
+
 def time_step(model, inputs, backend=None, reps=5):
     with active_backend(backend), torch.inference_mode():
         out = model(**inputs)
@@ -113,7 +125,8 @@ def kernel_kind(name: str) -> str:
     n = name.lower()
     if any(t in n for t in ("flash", "fmha", "attention", "sdpa")):
         return "attention"
-    if any(t in n for t in ("_act_quant", "_small_m", "_decode_kernel")):
+    if any(t in n for t in ("_act_quant", "_small_m", "_decode_kernel", "_ln_mod_quant", "_gelu_quant",
+                            "_qk_norm_rope")):
         return "our triton"
     if any(t in n for t in ("gemm", "sm90_xmma", "cutlass", "nvjet", "f8f8bf16", "gemv", "cublas")):
         return "gemm"
@@ -177,8 +190,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU kernel time by kind (attention/GEMM/...) per path")
     ap.add_argument("--graph", action="store_true", help="also time each path captured in one CUDA graph")
     ap.add_argument("--prep-only", action="store_true", help="only time the fp8 preparation")
-    ap.add_argument("--backends", default="dequant,w4a16,fp8",
-                    help="Hopper: dequant,w4a16,fp8; Blackwell: dequant,cudnn,cutlass,trtllm")
+    ap.add_argument("--backends", default=f"dequant,w4a16,fp8,{FUSED}",
+                    help=f"Hopper: dequant,w4a16,fp8,{FUSED}; Blackwell: dequant,cudnn,cutlass,trtllm")
     a = ap.parse_args()
     sys.path.insert(0, a.comfyui)
     import comfy.ops
@@ -208,6 +221,8 @@ def main():
         # follow the model to the GPU (else bf16/dequant would read them over PCIe per call)
         m.unpark()
     for extra in a.backends.split(","):
+        if extra == FUSED:
+            continue
         b = registry.get(extra)
         if b.prepares and extra != "fp8":
             for m in modules:
@@ -224,6 +239,8 @@ def main():
         if isinstance(m, NVFP4LinearModule):
             m.drop_prepared()
     inputs = step_inputs(dev)
+    from comfyui_nvfp4.nodes.block_patches import block_patches
+    patches, _ = block_patches(q)
     rows = []
     t_bf16, peak_bf16, ref = time_step(d, inputs)
     rows.append(("bf16 (dequantized weights)", t_bf16, weight_bytes(d), peak_bf16, 0.0))
@@ -237,34 +254,37 @@ def main():
     dense = weight_bytes(q) - nvfp4_params
     codes = sum(m.in_features * m.out_features // 2 for m in modules)
     scales = sum(m.in_features * m.out_features // 16 for m in modules)
-    for backend in a.backends.split(","):
+    for path in a.backends.split(","):
+        backend, args = path_args(path, inputs, patches)
         for m in modules:
             m.last_path = None
-        t, peak, out = time_step(q, inputs, backend)
+        t, peak, out = time_step(q, args, backend)
         from collections import Counter
-        print(backend, "paths:", dict(Counter(m.last_path for m in q.modules() if isinstance(m, NVFP4LinearModule))))
+        print(path, "paths:", dict(Counter(m.last_path for m in q.modules() if isinstance(m, NVFP4LinearModule))))
         if not (torch.isfinite(ref).all() and torch.isfinite(out).all()):
-            print(f"non-finite output: reference {bool(torch.isfinite(ref).all())}, {backend} "
+            print(f"non-finite output: reference {bool(torch.isfinite(ref).all())}, {path} "
                   f"{bool(torch.isfinite(out).all())}; max |ref| {ref.float().abs().nan_to_num().max():.3g}")
         err = float((out.float() - ref.float()).norm() / ref.float().norm())
         prepped = sum(p.numel() * p.element_size() for m in modules for n, p in m.named_parameters()
                       if n.startswith(f"prep_{backend}_"))
         wb = dense + {"dequant": codes + scales, "w4a16": prepped + scales}.get(backend, prepped)
-        rows.append((backend, t, wb, peak, err))
+        rows.append((path, t, wb, peak, err))
     if a.graph:
         d = dense_copy(q)
         graphs = {"bf16": graph_step_ms(d, inputs, "bf16")}
         del d
         torch.cuda.empty_cache()
-        for backend in a.backends.split(","):
-            if backend != "dequant":
-                graphs[backend] = graph_step_ms(q, inputs, backend)
+        for path in a.backends.split(","):
+            if path != "dequant":
+                backend, args = path_args(path, inputs, patches)
+                graphs[path] = graph_step_ms(q, args, backend)
         print("whole step in one CUDA graph (ms): " + ", ".join(
             f"{k} {v:.1f}" if v else f"{k} n/a" for k, v in graphs.items()))
     if a.profile:
-        for backend in ["bf16"] + [b for b in a.backends.split(",") if b in ("fp8", "w4a16")]:
-            model = dense_copy(q) if backend == "bf16" else q
-            print(f"{backend}: GPU kernel time by kind in one step (ms): " + kernel_breakdown(model, inputs, backend))
+        for path in ["bf16"] + [b for b in a.backends.split(",") if b in ("fp8", "w4a16", FUSED)]:
+            model = dense_copy(q) if path == "bf16" else q
+            backend, args = path_args(path, inputs, patches)
+            print(f"{path}: GPU kernel time by kind in one step (ms): " + kernel_breakdown(model, args, backend))
             del model
             torch.cuda.empty_cache()
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
