@@ -11,9 +11,10 @@ qk_norm_rope:  q, k RMSNorm with their weights -> RoPE; q, k, v written straight
                [B, H, L, D] tensors attention reads, at a token offset (ComfyUI: rms_norm x2,
                casts, torch.cat x3, apply_rope).
 
-Where ComfyUI rounds an intermediate to bf16 (the LayerNorm and RMSNorm outputs, 1 + scale, the
-GELU output) these kernels round at the same point, so they compute what ComfyUI's block computes
-up to the order of fp32 sums; the activations are then quantized from fp32, not from a bf16 copy.
+Where ComfyUI rounds an intermediate to the compute dtype (bf16 or fp16: the LayerNorm and
+RMSNorm outputs, 1 + scale, the GELU output) these kernels round at the same point, so they
+compute what ComfyUI's block computes up to the order of fp32 sums; the activations are then
+quantized from fp32, not from a rounded copy.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _round_bf16(x):
-    return x.to(tl.bfloat16).to(tl.float32)
+def _rounded(x, like_ptr):
+    """fp32 x rounded to the element type of like_ptr (the compute dtype), back in fp32."""
+    return x.to(like_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -43,11 +45,11 @@ def _ln_mod_quant_kernel(x_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr, K, rows_per_
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, 0) / K
     d = tl.where(mask, x - mean, 0.0)
-    xn = _round_bf16(d * tl.rsqrt(tl.sum(d * d, 0) / K + eps))
+    xn = _rounded(d * tl.rsqrt(tl.sum(d * d, 0) / K + eps), x_ptr)
     b = row // rows_per_batch
     shift = tl.load(shift_ptr + b * stride_mb + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b * stride_mb + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xn * _round_bf16(1.0 + scale) + shift
+    y = xn * _rounded(1.0 + scale, x_ptr) + shift
     _store_fp8_row(q_ptr + row * stride_qm, s_ptr, row, y, cols, mask, tl.max(tl.abs(y), 0))
 
 
@@ -68,7 +70,7 @@ def _gelu_quant_kernel(a_ptr, h_ptr, q_ptr, s_ptr, KA, KH, stride_am, stride_hm,
     ch = tl.arange(0, BLOCK_H)
     mh = ch < KH
     h = tl.load(h_ptr + row * stride_hm + ch, mask=mh, other=0.0).to(tl.float32)
-    g = _round_bf16(_gelu_tanh(h))  # GELU(0) = 0: masked lanes stay 0 for the amax
+    g = _rounded(_gelu_tanh(h), h_ptr)  # GELU(0) = 0: masked lanes stay 0 for the amax
     amax = tl.maximum(tl.max(tl.abs(a), 0), tl.max(tl.abs(g), 0))
     s = tl.maximum(amax, 1e-12) / 448.0
     q = q_ptr + row * stride_qm
@@ -79,14 +81,14 @@ def _gelu_quant_kernel(a_ptr, h_ptr, q_ptr, s_ptr, KA, KH, stride_am, stride_hm,
 
 @triton.jit
 def _rms_rope(src, w_ptr, f00, f01, f10, f11, hh, hm, eps, BH: tl.constexpr, D: tl.constexpr):
-    """[BH, D] heads of q or k: RMSNorm * weight (rounded to bf16 like ComfyUI's rms_norm
+    """[BH, D] heads of q or k: RMSNorm * weight (rounded to src's dtype like ComfyUI's rms_norm
     output), then each (even, odd) lane pair rotated by its 2x2 RoPE matrix, in fp32.
     Contiguous loads and stores; the pairs come from a [BH, D/2, 2] view (strided even/odd
     loads ran this kernel 8x slower on the H100)."""
     d = tl.arange(0, D)
     x = tl.load(src + hh[:, None] * D + d[None, :], mask=hm[:, None], other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
-    n = _round_bf16(x * r * tl.load(w_ptr + d).to(tl.float32)[None, :])
+    n = _rounded(x * r * tl.load(w_ptr + d).to(tl.float32)[None, :], src)
     ne, no = tl.split(tl.reshape(n, (BH, D // 2, 2)))
     return tl.reshape(tl.join(f00 * ne + f01 * no, f10 * ne + f11 * no), (BH, D))
 

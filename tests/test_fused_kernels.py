@@ -36,14 +36,15 @@ def bf16_close(a, b):
     return True
 
 
-@pytest.mark.parametrize("bsz,length,k", [(1, 7, 96), (2, 5, 200)])
-def test_ln_mod_quant_is_layernorm_modulation_then_token_fp8(bsz, length, k):
+@pytest.mark.parametrize("bsz,length,k,dtype", [(1, 7, 96, torch.bfloat16), (2, 5, 200, torch.bfloat16),
+                                               (2, 3, 64, torch.float16)])
+def test_ln_mod_quant_is_layernorm_modulation_then_token_fp8(bsz, length, k, dtype):
     g = torch.Generator().manual_seed(k)
-    x = (torch.randn(bsz, length, k, generator=g) * 4 + 1).bfloat16()
-    mod = (torch.randn(bsz, 1, 3 * k, generator=g) * 0.5).bfloat16()  # a Modulation output: chunks are views
+    x = (torch.randn(bsz, length, k, generator=g) * 4 + 1).to(dtype)
+    mod = (torch.randn(bsz, 1, 3 * k, generator=g) * 0.5).to(dtype)  # a Modulation output: chunks are views
     shift, scale = mod[..., :k], mod[..., k:2 * k]
     q, s = triton_fused.ln_mod_quant(x, shift, scale, 1e-6, code_dtype=torch.float32)
-    # ComfyUI: LayerNorm (bf16 out), then addcmul(shift, x, 1 + scale) in bf16
+    # ComfyUI: LayerNorm (compute dtype out), then addcmul(shift, x, 1 + scale) in that dtype
     ref = torch.addcmul(shift.float(), F.layer_norm(x, (k,), eps=1e-6).float(), (1 + scale).float())
     assert q.shape == (bsz * length, k) and s.shape == (bsz * length, 1)
     assert_fp8_rows(q, s, ref.reshape(-1, k))
