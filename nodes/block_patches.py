@@ -20,37 +20,25 @@ def _fallback(kind: str, index: int, why: str):
     key = f"{kind}:{why}"
     if key not in _LOGGED:
         _LOGGED.add(key)
-        log.info("NVFP4: %s block %d (and any other with the same reason) runs ComfyUI's own block: %s",
+        log.warning("NVFP4: %s block %d (and any other with the same reason) runs ComfyUI's own block: %s",
                  kind, index, why)
 
 
-def double_patch(block, index: int):
+def make_patch(block, kind: str, index: int):
+    """The dit replacement of block `index` ("double" or "single")."""
     def patch(args, extra):
         from comfy.ldm.modules.attention import optimized_attention
-        why = fused_blocks.not_now_reason(block, "double", args["img"], args["vec"], args["pe"],
+        why = fused_blocks.not_now_reason(block, kind, args["img"], args["vec"], args["pe"],
                                           args.get("transformer_options"))
         if why:
-            _fallback("double", index, why)
+            _fallback(kind, index, why)
             return extra["original_block"](args)
-        img, txt = fused_blocks.double_block(block, args["img"], args["txt"], args["vec"], args["pe"],
-                                             args.get("attn_mask"), args.get("transformer_options") or {},
-                                             optimized_attention)
-        return {"img": img, "txt": txt}
-    patch.nvfp4_fused = True
-    return patch
-
-
-def single_patch(block, index: int):
-    def patch(args, extra):
-        from comfy.ldm.modules.attention import optimized_attention
-        why = fused_blocks.not_now_reason(block, "single", args["img"], args["vec"], args["pe"],
-                                          args.get("transformer_options"))
-        if why:
-            _fallback("single", index, why)
-            return extra["original_block"](args)
-        img = fused_blocks.single_block(block, args["img"], args["vec"], args["pe"], args.get("attn_mask"),
-                                        args.get("transformer_options") or {}, optimized_attention)
-        return {"img": img}
+        common = (args["vec"], args["pe"], args.get("attn_mask"), args.get("transformer_options") or {},
+                  optimized_attention)
+        if kind == "double":
+            img, txt = fused_blocks.double_block(block, args["img"], args["txt"], *common)
+            return {"img": img, "txt": txt}
+        return {"img": fused_blocks.single_block(block, args["img"], *common)}
     patch.nvfp4_fused = True
     return patch
 
@@ -59,14 +47,14 @@ def block_patches(diffusion_model, taken=()) -> tuple[dict, dict[str, int]]:
     """({("double_block", i) | ("single_block", i): patch} for the model's FLUX.1 blocks,
     {reason: count} of the blocks left alone). `taken`: keys another node already replaces."""
     patches, skipped = {}, {}
-    for kind, make in (("double", double_patch), ("single", single_patch)):
+    for kind in ("double", "single"):
         for i, block in enumerate(getattr(diffusion_model, f"{kind}_blocks", [])):
             key = (f"{kind}_block", i)
             why = "replaced by another node" if key in taken else fused_blocks.unfusable_reason(block, kind)
             if why:
                 skipped[why] = skipped.get(why, 0) + 1
             else:
-                patches[key] = make(block, i)
+                patches[key] = make_patch(block, kind, i)
     return patches, skipped
 
 

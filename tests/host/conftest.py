@@ -26,6 +26,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def comfy():
+    """ComfyUI imported into this process, on the CPU (the in-process host tests)."""
+    path = comfyui_path()
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401
+    return path
+
+
 def dequantized_reference(src, out, dtype=torch.float32):
     """A plain checkpoint holding exactly the dequantized weights of `src` (BFL names).
 

@@ -2,25 +2,12 @@
 which blocks they take, how they sit in ModelPatcher options next to another node's, and that a
 call they cannot fuse (here: no CUDA) runs ComfyUI's own block and gives its exact result.
 The fused forward itself is compared with ComfyUI's blocks on the GPU (tests/gpu/test_fused_blocks.py)."""
-import sys
 
-import pytest
 import torch
 
-from comfy_driver import comfyui_path
 from comfyui_nvfp4.quant import names, quantize_checkpoint
 from comfyui_nvfp4.quant.shapes import FluxDims
 from comfyui_nvfp4.quant.synthetic import write_synthetic
-
-
-@pytest.fixture(scope="module")
-def comfy():
-    path = comfyui_path()
-    sys.path.insert(0, str(path))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    return path
 
 
 def load(tmp_path, arch):

@@ -1,25 +1,13 @@
 """ComfyUI imported in this process: a tiny FLUX loaded through our loader, sampled with the
 Blackwell mm_fp4 path on the CPU read-back emulator, equals the `emulate` backend."""
-import sys
 
 import pytest
 import torch
 
-from comfy_driver import comfyui_path
 from comfyui_nvfp4.quant import names, quantize_checkpoint
 from comfyui_nvfp4.quant.shapes import FluxDims
 from comfyui_nvfp4.quant.synthetic import write_synthetic
 from readback import ReadbackOps
-
-
-@pytest.fixture(scope="module")
-def comfy():
-    path = comfyui_path()
-    sys.path.insert(0, str(path))
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    return path
 
 
 def sample(dm, arch, steps=3, seed=0):
