@@ -76,8 +76,6 @@ def unfusable_reason(block, kind: str) -> str | None:
 def not_now_reason(block, kind: str, x: torch.Tensor, vec, pe, transformer_options) -> str | None:
     """Why this call cannot take the fused forward (None: it can): the layers' backend, the
     device/dtype, and ComfyUI features the fused forward does not implement."""
-    if x.device.type != "cuda" or x.dtype not in DTYPES:
-        return f"activations are {x.dtype} on {x.device.type} (fused blocks: bf16/fp16 on CUDA)"
     if not isinstance(vec, torch.Tensor) or vec.shape[0] != x.shape[0]:
         return "per-token modulation (reference latents with timestep zero)"
     if pe is None:
@@ -95,6 +93,8 @@ def not_now_reason(block, kind: str, x: torch.Tensor, vec, pe, transformer_optio
         for rms in (n.query_norm, n.key_norm):
             if getattr(rms, "weight_function", None) or getattr(rms, "bias_function", None):
                 return "QK norm weights are patched"
+    if x.device.type != "cuda" or x.dtype not in DTYPES:
+        return f"activations are {x.dtype} on {x.device.type} (fused blocks: bf16/fp16 on CUDA)"
     return None
 
 

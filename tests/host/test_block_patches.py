@@ -69,7 +69,7 @@ def test_unfusable_call_runs_comfyui_block_exactly(comfy, tmp_path):
     assert not skipped
     blk = dm.double_blocks[0]
     x = torch.randn(1, 16, dm.hidden_size).bfloat16()
-    assert "on cpu" in fused_blocks.not_now_reason(blk, "double", x, torch.zeros(1, dm.hidden_size), x, {})
+    assert "runs 'dequant'" in fused_blocks.not_now_reason(blk, "double", x, torch.zeros(1, dm.hidden_size), x, {})
     g = torch.Generator().manual_seed(0)
     inputs = dict(x=torch.randn(1, 16, 8, 8, generator=g).bfloat16(), timestep=torch.tensor([0.5]),
                   context=torch.randn(1, 8, 64, generator=g).bfloat16(),
@@ -82,3 +82,30 @@ def test_unfusable_call_runs_comfyui_block_exactly(comfy, tmp_path):
     assert torch.equal(plain, patched)
     # the patches ran, found the call unfusable and said why
     assert {k.split(":")[0] for k in block_patches._LOGGED} == {"double", "single"}
+
+
+def test_each_reason_to_run_comfyui_block_is_named(comfy, tmp_path):
+    from comfyui_nvfp4.kernels import fused_blocks, registry
+    from comfyui_nvfp4.kernels.module import active_backend
+    dm = load(tmp_path, names.FLUX1).model.diffusion_model
+    blk = dm.single_blocks[0]
+    x = torch.zeros(1, 16, dm.hidden_size).bfloat16()
+    vec = torch.zeros(1, dm.hidden_size).bfloat16()
+    pe = torch.zeros(1, 1, 16, 4, 2, 2)
+
+    def why(**kw):
+        a = dict(x=x, vec=vec, pe=pe, transformer_options={})
+        a.update(kw)
+        return fused_blocks.not_now_reason(blk, "single", a["x"], a["vec"], a["pe"], a["transformer_options"])
+    with active_backend("dequant"):
+        assert why() == "single_blocks.0.linear1 runs 'dequant'"
+    with active_backend("fp8"):
+        assert why() == "single_blocks.0.linear1 has no prepared fp8 weights"
+        fp8 = registry.get("fp8")
+        for m in fused_blocks.linears(blk, "single"):
+            m.set_prepared("fp8", fp8.prepare(m))  # the torch conversion on the CPU
+        assert why() == "activations are torch.bfloat16 on cpu (fused blocks: bf16/fp16 on CUDA)"
+        assert why(vec=torch.zeros(2, dm.hidden_size)) == "per-token modulation (reference latents with timestep zero)"
+        assert why(pe=None) == "no rotary embedding"
+        assert why(transformer_options={"patches": {"attn1_patch": [lambda *a, **k: {}]}}) == \
+            "attention patches are set on the model"
