@@ -32,6 +32,19 @@ def e4m3_scale(raw, FACTOR: tl.constexpr = 16384.0):
     return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * FACTOR
 
 
+@triton.jit
+def fp8_row_scale(amax):
+    """Per-token FP8 e4m3 scale for rows with this |max|: the row's values / scale fill +-448."""
+    return tl.maximum(amax, 1e-12) / 448.0
+
+
+@triton.jit
+def fp8_codes(v, scale, q_ptr):
+    """v / scale saturated to +-448, cast to q_ptr's element type (e4m3; fp32 where tests read
+    the values before the e4m3 rounding)."""
+    return tl.clamp(v / scale, -448.0, 448.0).to(q_ptr.dtype.element_ty)
+
+
 def row_tile(m: int) -> int:
     """Rows a small-M program holds: M rounded up to a power of two (M <= 16)."""
     return 1 << max(0, (m - 1).bit_length())

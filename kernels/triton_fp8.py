@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import e4m3_scale, fp4_pair, launch, row_tile
+from .triton_common import e4m3_scale, fp4_pair, fp8_codes, fp8_row_scale, launch, row_tile
 
 SMALL_M_MAX = 16  # M up to this runs small_m_gemm
 
@@ -27,10 +27,9 @@ def _act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
     cols = tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.maximum(amax, 1e-12) / 448.0
-    q = tl.clamp(x / scale[:, None], -448.0, 448.0)
-    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+    scale = fp8_row_scale(tl.max(tl.abs(x), axis=1))
+    q = fp8_codes(x, scale[:, None], q_ptr)
+    tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows, scale, mask=rows < M)
 
 

@@ -22,18 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import fp8_codes, fp8_row_scale
+
 
 @triton.jit
 def _rounded(x, like_ptr):
     """fp32 x rounded to the element type of like_ptr (the compute dtype), back in fp32."""
     return x.to(like_ptr.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
-def _store_fp8_row(q_ptr, s_ptr, row, y, cols, mask, amax):
-    s = tl.maximum(amax, 1e-12) / 448.0
-    tl.store(q_ptr + cols, tl.clamp(y / s, -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row, s)
 
 
 @triton.jit
@@ -50,7 +45,10 @@ def _ln_mod_quant_kernel(x_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr, K, rows_per_
     shift = tl.load(shift_ptr + b * stride_mb + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b * stride_mb + cols, mask=mask, other=0.0).to(tl.float32)
     y = xn * _rounded(1.0 + scale, x_ptr) + shift
-    _store_fp8_row(q_ptr + row * stride_qm, s_ptr, row, y, cols, mask, tl.max(tl.abs(y), 0))
+    s = fp8_row_scale(tl.max(tl.abs(y), 0))
+    q = fp8_codes(y, s, q_ptr)
+    tl.store(q_ptr + row * stride_qm + cols, q, mask=mask)
+    tl.store(s_ptr + row, s)
 
 
 @triton.jit
@@ -71,11 +69,10 @@ def _gelu_quant_kernel(a_ptr, h_ptr, q_ptr, s_ptr, KA, KH, stride_am, stride_hm,
     mh = ch < KH
     h = tl.load(h_ptr + row * stride_hm + ch, mask=mh, other=0.0).to(tl.float32)
     g = _rounded(_gelu_tanh(h), h_ptr)  # GELU(0) = 0: masked lanes stay 0 for the amax
-    amax = tl.maximum(tl.max(tl.abs(a), 0), tl.max(tl.abs(g), 0))
-    s = tl.maximum(amax, 1e-12) / 448.0
+    s = fp8_row_scale(tl.maximum(tl.max(tl.abs(a), 0), tl.max(tl.abs(g), 0)))
     q = q_ptr + row * stride_qm
-    tl.store(q + ca, tl.clamp(a / s, -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=ma)
-    tl.store(q + KA + ch, tl.clamp(g / s, -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=mh)
+    tl.store(q + ca, fp8_codes(a, s, q_ptr), mask=ma)
+    tl.store(q + KA + ch, fp8_codes(g, s, q_ptr), mask=mh)
     tl.store(s_ptr + row, s)
 
 
