@@ -84,9 +84,10 @@ def not_now_reason(block, kind: str, x: torch.Tensor, vec, pe, transformer_optio
     if patches.get("attn1_patch") or patches.get("attn1_output_patch"):
         return "attention patches are set on the model"
     for lin in linears(block, kind):
-        if lin.backend_name() != BACKEND:
-            return f"{lin.layer_name} runs '{lin.backend_name()}'"
-        if f"prep_{BACKEND}_w" not in lin._parameters:
+        name = lin.backend_name()
+        if name != BACKEND:
+            return f"{lin.layer_name} runs '{name}'"
+        if BACKEND not in lin.prepared_backends():
             return f"{lin.layer_name} has no prepared fp8 weights"
     norms = [block.img_attn.norm, block.txt_attn.norm] if kind == "double" else [block.norm]
     for n in norms:

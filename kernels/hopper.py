@@ -34,6 +34,11 @@ SCALED_MM_MIN_M = 64
 _SCALED_MM_REJECTED: set[tuple[int, int, int]] = set()
 
 
+def _gemm_key(m: int, w: torch.Tensor) -> tuple[int, int, int]:
+    """(M as padded for cuBLASLt, N, K): what _SCALED_MM_REJECTED remembers."""
+    return max(m, SCALED_MM_MIN_M), w.shape[0], w.shape[1]
+
+
 def _cuda_cc_below(device, minimum: tuple[int, int], no_gpu: str, too_old: str) -> str | None:
     """Why `device` is not a CUDA GPU of compute capability >= minimum (None when it is)."""
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -145,7 +150,7 @@ class FP8Backend(Backend):
     def _scaled_mm(self, x2, w, ws, b, out_dtype):
         """Per-token FP8 activations x FP8 weights on cuBLASLt; None where cuBLASLt rejects the shape."""
         from .triton_fp8 import act_quant_fp8
-        if (max(x2.shape[0], SCALED_MM_MIN_M), w.shape[0], w.shape[1]) in _SCALED_MM_REJECTED:
+        if _gemm_key(x2.shape[0], w) in _SCALED_MM_REJECTED:  # skip quantizing for nothing
             return None
         q, xs = act_quant_fp8(x2)
         return self.gemm_quantized(q, xs, w, ws, b, out_dtype)
@@ -154,8 +159,8 @@ class FP8Backend(Backend):
         """(fp8 [M, K], fp32 row scales [M, 1]) x FP8 weights -> [M, N] on cuBLASLt, bias fused;
         None where cuBLASLt rejects the shape (logged once per shape)."""
         m = q.shape[0]
-        mp = max(m, SCALED_MM_MIN_M)
-        key = (mp, w.shape[0], w.shape[1])
+        key = _gemm_key(m, w)
+        mp = key[0]
         if key in _SCALED_MM_REJECTED:
             return None
         if m < mp:
