@@ -21,7 +21,7 @@ import torch
 from .portable import bias_of, dequant_fp8
 from .registry import Backend, register
 from .transfer import to_device
-from .w4a16_layout import CHUNK, w4a16_pack
+from .w4a16_layout import SUPER, w4a16_pack
 
 log = logging.getLogger("comfyui_nvfp4")
 FP8_MAX = 448.0
@@ -199,7 +199,7 @@ class W4A16Backend(Backend):
     label = "w4a16: 4-bit weights; Triton decoding in registers for M <= 16, one-pass decode + cuBLAS above (SM80+)"
     priority = 40
     prepares = True
-    replaces = ("packed",)  # the w4a16-layout codes are the same bytes in another order
+    replaces = ("packed",)  # the w4a16-layout codes are the same bytes in another order (rows padded to 32)
 
     def capability(self, device):
         why = _cuda_cc_below(device, (8, 0), "needs a CUDA GPU (compute capability 8.0+)",
@@ -208,13 +208,13 @@ class W4A16Backend(Backend):
 
     def prepare(self, module):
         """The w4a16 nibble order (same bytes as canonical, replaces it on the GPU).
-        Layers whose K is not a multiple of 32 get nothing and run `dequant` (reported)."""
-        if module.in_features % CHUNK:
+        Layers whose K is not a multiple of 128 get nothing and run `dequant` (reported)."""
+        if module.in_features % SUPER:
             return {}
         return {f"w{i}": w4a16_pack(p.packed) for i, p in enumerate(module.stored_parts())}
 
     def run(self, module, x):
-        if module.in_features % CHUNK:
+        if module.in_features % SUPER:
             from .portable import DEQUANT
             return DEQUANT.run(module, x)
         from . import triton_w4a16
@@ -228,7 +228,7 @@ class W4A16Backend(Backend):
             out = torch.empty((x2.shape[0], module.out_features), device=x.device, dtype=torch.bfloat16)
             col = 0
             for c, scale, gscale in parts:
-                n = c.shape[0]
+                n = scale.shape[0]  # the part's rows (its w4a16 words are padded to whole tiles)
                 triton_w4a16.small_m_gemm(x2, c, scale, gscale,
                                           None if b is None else b[col:col + n].to(torch.bfloat16), out[:, col:col + n])
                 col += n
@@ -239,8 +239,8 @@ class W4A16Backend(Backend):
         w = torch.empty((module.out_features, module.in_features), device=x.device, dtype=wdtype)
         row = 0
         for c, scale, gscale in parts:
-            triton_w4a16.decode(c, scale, gscale, w[row:row + c.shape[0]])
-            row += c.shape[0]
+            triton_w4a16.decode(c, scale, gscale, w[row:row + scale.shape[0]])
+            row += scale.shape[0]
         module.last_path = "w4a16-dq"
         y = torch.nn.functional.linear(x2.to(wdtype), w, None if b is None else b.to(wdtype))
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)

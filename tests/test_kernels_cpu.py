@@ -10,25 +10,31 @@ from comfyui_nvfp4.quant import e2m1, nvfp4
 
 
 def test_w4a16_layout_reads_back():
+    """Every nibble found where the layout's description says: tile t, superchunk s, row r, word
+    w at byte ((t * S + s) * 32 + r) * 64 + 4 w of the buffer, nibble I = element 128 s + 16 I + w
+    of row 32 t + r; rows past N are zero codes."""
     g = torch.Generator().manual_seed(0)
-    packed = torch.randint(0, 256, (5, 80), generator=g, dtype=torch.uint8)  # K = 160 = 5 chunks of 32
+    n, k = 37, 384  # 2 tiles of 32 rows (the second one padded), 3 superchunks
+    packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
     codes = e2m1.unpack(packed).numpy()
     lay = w4a16_pack(packed)
-    assert lay.shape == packed.shape and lay.dtype == torch.uint8
-    b = lay.numpy().astype(np.uint32)
-    for n in range(5):
-        for c in range(5):
-            for w in range(4):
-                o = c * 16 + 4 * w
-                word = b[n, o] | (b[n, o + 1] << 8) | (b[n, o + 2] << 16) | (b[n, o + 3] << 24)  # little-endian
-                for i in range(8):  # nibble i: group A (elements 0..15) for i < 4, group B (16..31) above
-                    element = c * 32 + 16 * (i // 4) + 4 * (i % 4) + w
-                    assert (word >> (4 * i)) & 0xF == codes[n, element]
+    assert lay.shape == (64, k // 2) and lay.dtype == torch.uint8
+    b = lay.numpy().reshape(-1).astype(np.uint32)
+    supers = k // 128
+    for row in range(64):
+        t, r = divmod(row, 32)
+        for s in range(supers):
+            for w in range(16):
+                o = ((t * supers + s) * 32 + r) * 64 + 4 * w
+                word = b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24)  # little-endian
+                for i in range(8):
+                    expected = codes[row, 128 * s + 16 * i + w] if row < n else 0
+                    assert (word >> (4 * i)) & 0xF == expected, (row, s, w, i)
 
 
-def test_w4a16_layout_rejects_k_not_multiple_of_32():
-    with pytest.raises(ValueError, match="K % 32"):
-        w4a16_pack(torch.zeros(4, 40, dtype=torch.uint8))
+def test_w4a16_layout_rejects_k_not_multiple_of_128():
+    with pytest.raises(ValueError, match="K % 128"):
+        w4a16_pack(torch.zeros(4, 80, dtype=torch.uint8))
 
 
 def test_fp8_weight_conversion_on_cpu():
