@@ -97,7 +97,7 @@ def _prepare_one(m, backend, device, self_check: bool) -> tuple[float | None, fl
                 f"Its weights would produce a wrong image; pick another backend, and please report this "
                 f"with the GPU, driver and FlashInfer versions.")
     m.move_prepared(backend.name, home)
-    if tensors:  # a layer the backend runs another way (e.g. w4a16 with K % 32 != 0) keeps its originals
+    if tensors:  # a layer the backend runs another way (e.g. w4a16 with K % 128 != 0) keeps its originals
         m.park(backend.replaces)
     return cos, spent
 
