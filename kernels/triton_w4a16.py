@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import e4m3_scale
 from .w4a16_layout import SUPER, TILE_ROWS, padded_rows
 
 SMALL_M_MAX = 16
@@ -99,8 +100,7 @@ def lane_f32(word, I: tl.constexpr):
 def group_scale(s8, I: tl.constexpr, FACTOR: tl.constexpr = 1.0):
     """uint64 holding a superchunk's 8 e4m3 block scales (its groups in order) -> fp32 scale of
     group I * FACTOR (a power of two: exact)."""
-    raw = ((s8 >> (8 * I)) & 0xFF).to(tl.uint8)
-    return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * FACTOR
+    return e4m3_scale(((s8 >> (8 * I)) & 0xFF).to(tl.uint8), FACTOR)
 
 
 @triton.jit
