@@ -30,6 +30,11 @@ def linears(block, kind: str) -> list:
     return [block.linear1, block.linear2]
 
 
+def qk_norms(block, kind: str) -> list:
+    """The QKNorm modules (query_norm, key_norm) of the block's attention."""
+    return [block.img_attn.norm, block.txt_attn.norm] if kind == "double" else [block.norm]
+
+
 def _gelu_mlp(mlp) -> bool:
     return (isinstance(mlp, torch.nn.Sequential) and len(mlp) == 3 and isinstance(mlp[1], torch.nn.GELU)
             and mlp[1].approximate == "tanh")
@@ -50,7 +55,6 @@ def unfusable_reason(block, kind: str) -> str | None:
                     return f"{s}_mlp is not Linear-GELU(tanh)-Linear"
                 if not (_layer_norm(getattr(block, f"{s}_norm1")) and _layer_norm(getattr(block, f"{s}_norm2"))):
                     return f"{s} norms are not affine-free LayerNorms"
-            norms = [block.img_attn.norm, block.txt_attn.norm]
         elif kind == "single":
             if getattr(block, "modulation", None) is None:
                 return "global modulation (FLUX.2-style block)"
@@ -59,10 +63,9 @@ def unfusable_reason(block, kind: str) -> str | None:
                 return "the MLP activation is not GELU(tanh)"
             if block.mlp_hidden_dim_first != block.mlp_hidden_dim or not _layer_norm(block.pre_norm):
                 return "not a FLUX.1 single block (gated MLP or affine norm)"
-            norms = [block.norm]
         else:
             raise ValueError(f"unknown block kind {kind!r}")
-        for n in norms:
+        for n in qk_norms(block, kind):
             if not (isinstance(n.query_norm, torch.nn.RMSNorm) and isinstance(n.key_norm, torch.nn.RMSNorm)):
                 return "QK norms are not RMSNorms"
         for lin in linears(block, kind):
@@ -89,8 +92,7 @@ def not_now_reason(block, kind: str, x: torch.Tensor, vec, pe, transformer_optio
             return f"{lin.layer_name} runs '{name}'"
         if BACKEND not in lin.prepared_backends():
             return f"{lin.layer_name} has no prepared fp8 weights"
-    norms = [block.img_attn.norm, block.txt_attn.norm] if kind == "double" else [block.norm]
-    for n in norms:
+    for n in qk_norms(block, kind):
         for rms in (n.query_norm, n.key_norm):
             if getattr(rms, "weight_function", None) or getattr(rms, "bias_function", None):
                 return "QK norm weights are patched"
