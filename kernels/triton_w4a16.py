@@ -159,9 +159,9 @@ def _check(packed_w4a16: torch.Tensor, n: int, k: int, scale: torch.Tensor, who:
     if k % SUPER or packed_w4a16.shape != (padded_rows(n), k // 2) or not packed_w4a16.is_contiguous():
         raise ValueError(f"{who}: need K % {SUPER} == 0 and the w4a16 layout of an {n}x{k} weight "
                          f"({padded_rows(n)}x{k // 2} contiguous bytes), got K={k}, {tuple(packed_w4a16.shape)}")
-    if scale.shape != (n, k // 16) or scale.stride(1) != 1 or scale.stride(0) % 8:
+    if scale.shape != (n, k // 16) or scale.stride(1) != 1 or scale.stride(0) % 8 or scale.data_ptr() % 8:
         raise ValueError(f"{who}: need {n}x{k // 16} block scales with 8-byte aligned rows, "
-                         f"got {tuple(scale.shape)} strides {scale.stride()}")
+                         f"got {tuple(scale.shape)} strides {scale.stride()} at address {scale.data_ptr():#x}")
 
 
 def decode(packed_w4a16: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,

@@ -51,6 +51,11 @@ def test_w4a16_kernels_reject_other_layouts():
     with pytest.raises(ValueError, match="w4a16 layout"):  # canonical codes: rows not padded to 32
         triton_w4a16.small_m_gemm(torch.zeros(1, 256), p.packed, p.block_scale, p.global_scale, None,
                                   torch.empty(1, 8))
+    # scales read 8 at a time as uint64: a view starting off an 8-byte boundary is refused, not misread
+    wide = torch.cat([p.block_scale.view(torch.uint8), p.block_scale.view(torch.uint8)], 1)
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        triton_w4a16.small_m_gemm(torch.zeros(1, 256), w4a16_pack(p.packed), wide[:, 1:17].view(torch.float8_e4m3fn),
+                                  p.global_scale, None, torch.empty(1, 8))
 
 
 @pytest.mark.parametrize("m", [1, 3, 16])
