@@ -199,7 +199,7 @@ class W4A16Backend(Backend):
     label = "w4a16: 4-bit weights; Triton decoding in registers for M <= 16, one-pass decode + cuBLAS above (SM80+)"
     priority = 40
     prepares = True
-    replaces = ("packed",)  # the w4a16-layout codes are the same bytes in another order (rows padded to 32)
+    replaces = ("packed", "scale")  # by the w4a16 codes and re-encoded scales: same sizes, rows padded to 32
 
     def capability(self, device):
         why = _cuda_cc_below(device, (8, 0), "needs a CUDA GPU (compute capability 8.0+)",
@@ -207,11 +207,19 @@ class W4A16Backend(Backend):
         return (False, why) if why else _triton_ok()
 
     def prepare(self, module):
-        """The w4a16 nibble order (same bytes as canonical, replaces it on the GPU).
-        Layers whose K is not a multiple of 128 get nothing and run `dequant` (reported)."""
+        """The w4a16 layout of each part's codes and scales, made on the compute device (it replaces
+        the canonical ones there). Layers whose K is not a multiple of 128 get nothing and run
+        `dequant` (reported)."""
         if module.in_features % SUPER:
             return {}
-        return {f"w{i}": w4a16_pack(p.packed) for i, p in enumerate(module.stored_parts())}
+        dev = _compute_device()
+        out = {}
+        for i, p in enumerate(module.stored_parts()):
+            try:
+                out[f"w{i}"], out[f"s{i}"] = w4a16_pack(to_device(p.packed, dev), to_device(p.block_scale, dev))
+            except ValueError as e:
+                raise ValueError(f"NVFP4 w4a16: layer {module.layer_name} part {i}: {e}") from None
+        return out
 
     def run(self, module, x):
         if module.in_features % SUPER:
@@ -221,14 +229,13 @@ class W4A16Backend(Backend):
         x2 = x.reshape(-1, x.shape[-1])
         b = bias_of(module, x)
         dev = x.device
-        # the w4a16-layout codes stand in for the canonical ones; the scales are read as they are
-        parts = [(module.prep(self.name, f"w{i}", dev), module.t(f"scale_{i}", dev), module.t(f"gscale_{i}", dev))
-                 for i in range(module.n_parts)]
+        # (codes, scales, global scale, the part's rows: its w4a16 tensors are padded to whole tiles)
+        parts = [(module.prep(self.name, f"w{i}", dev), module.prep(self.name, f"s{i}", dev),
+                  module.t(f"gscale_{i}", dev), module.stored(f"scale_{i}").shape[0]) for i in range(module.n_parts)]
         if x2.shape[0] <= triton_w4a16.SMALL_M_MAX:
             out = torch.empty((x2.shape[0], module.out_features), device=x.device, dtype=torch.bfloat16)
             col = 0
-            for c, scale, gscale in parts:
-                n = scale.shape[0]  # the part's rows (its w4a16 words are padded to whole tiles)
+            for c, scale, gscale, n in parts:
                 triton_w4a16.small_m_gemm(x2, c, scale, gscale,
                                           None if b is None else b[col:col + n].to(torch.bfloat16), out[:, col:col + n])
                 col += n
@@ -238,9 +245,9 @@ class W4A16Backend(Backend):
         wdtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         w = torch.empty((module.out_features, module.in_features), device=x.device, dtype=wdtype)
         row = 0
-        for c, scale, gscale in parts:
-            triton_w4a16.decode(c, scale, gscale, w[row:row + scale.shape[0]])
-            row += scale.shape[0]
+        for c, scale, gscale, n in parts:
+            triton_w4a16.decode(c, scale, gscale, w[row:row + n])
+            row += n
         module.last_path = "w4a16-dq"
         y = torch.nn.functional.linear(x2.to(wdtype), w, None if b is None else b.to(wdtype))
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)

@@ -25,11 +25,10 @@ def fp4_pair(byte):
 
 
 @triton.jit
-def e4m3_scale(raw, FACTOR: tl.constexpr = 16384.0):
-    """e4m3 block-scale bytes (uint8) -> fp32 scale * FACTOR (a power of two: exact). The default
-    2^14 suits values decoded through fp16 bits as e2m1 * 2^-14 (fp4_pair here,
-    triton_w4a16.lane_pair); products of exact e2m1 values (triton_w4a16's tensor-core tile) take 1."""
-    return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * FACTOR
+def e4m3_scale(raw):
+    """e4m3 block-scale bytes (uint8) -> fp32 scale * 2^14 (exact), for values decoded through
+    fp16 bits as e2m1 * 2^-14 (fp4_pair)."""
+    return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * 16384.0
 
 
 @triton.jit

@@ -5,8 +5,8 @@ fast. Interpreter limits decide what is compared here (Triton 3.8/3.9): its floa
 float -> fp8 casts do not round to nearest-even, its bf16 tl.dot returns garbage, and it runs no
 inline PTX. So outputs are written in fp32 (exact comparisons); the fp8 tensor-core configs, the
 fp8 rounding and the w4a16 tiles' inline-PTX decode are left to tests/gpu (run on the H100). The
-w4a16 tensor-core tiles run here with their plain-op decode and fp32 operands (same indexing,
-masking and group scaling as on the GPU).
+w4a16 tiles run here with their plain-op decode and fp32 operands (same indexing, masking and
+scaling as on the GPU).
 """
 import os
 
@@ -37,25 +37,27 @@ def rel(a, b):
 def test_decode_is_dequantize_exactly(n, k):
     p = weight(n, k, seed=n)
     # written into the middle rows of a larger buffer (a part of a fused layer), poisoned
+    raw = p.block_scale.view(torch.uint8).clone()
+    raw[::3, ::4] |= 0x80  # negative and zero block scales: folded into the codes by the layout
+    raw[1::5, 1::3] = 0
+    p = nvfp4.NVFP4Weight(p.packed, raw.view(torch.float8_e4m3fn), p.global_scale)
     buf = torch.full((n + 5, k), float("nan"))
-    triton_w4a16.decode(w4a16_pack(p.packed), p.block_scale, p.global_scale, buf[3:3 + n])
+    triton_w4a16.decode(*w4a16_pack(p.packed, p.block_scale), p.global_scale, buf[3:3 + n])
     assert torch.equal(buf[3:3 + n], p.dequantize(torch.float32))
     assert buf[:3].isnan().all() and buf[3 + n:].isnan().all()  # nothing written outside its rows
 
 
 def test_w4a16_kernels_reject_other_layouts():
     p = weight(8, 256, seed=0)
+    codes, scales = w4a16_pack(p.packed, p.block_scale)
     with pytest.raises(ValueError, match="K % 128"):  # canonical codes of a K = 80 layer
-        triton_w4a16.decode(torch.zeros(8, 40, dtype=torch.uint8), p.block_scale, p.global_scale,
-                            torch.empty(8, 80))
-    with pytest.raises(ValueError, match="w4a16 layout"):  # canonical codes: rows not padded to 32
-        triton_w4a16.small_m_gemm(torch.zeros(1, 256), p.packed, p.block_scale, p.global_scale, None,
-                                  torch.empty(1, 8))
-    # scales read 8 at a time as uint64: a view starting off an 8-byte boundary is refused, not misread
-    wide = torch.cat([p.block_scale.view(torch.uint8), p.block_scale.view(torch.uint8)], 1)
-    with pytest.raises(ValueError, match="8-byte aligned"):
-        triton_w4a16.small_m_gemm(torch.zeros(1, 256), w4a16_pack(p.packed), wide[:, 1:17].view(torch.float8_e4m3fn),
-                                  p.global_scale, None, torch.empty(1, 8))
+        triton_w4a16.decode(torch.zeros(8, 40, dtype=torch.uint8), scales, p.global_scale, torch.empty(8, 80))
+    with pytest.raises(ValueError, match="w4a16 layout's codes"):  # canonical codes: rows not padded to 32
+        triton_w4a16.small_m_gemm(torch.zeros(1, 256), p.packed, scales, p.global_scale, None, torch.empty(1, 8))
+    with pytest.raises(ValueError, match="w4a16 layout's scales"):  # canonical e4m3 scales
+        triton_w4a16.small_m_gemm(torch.zeros(1, 256), codes, p.block_scale, p.global_scale, None, torch.empty(1, 8))
+    with pytest.raises(ValueError, match="w4a16 layout's scales"):  # a strided view is not the layout
+        triton_w4a16.decode(codes, torch.cat([scales, scales], 1)[:, :16], p.global_scale, torch.empty(8, 256))
 
 
 @pytest.mark.parametrize("m", [1, 3, 16])
@@ -66,12 +68,10 @@ def test_w4a16_small_m_every_config(m, split):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(10 + m)).to(torch.bfloat16)
     b = torch.randn(n).to(torch.bfloat16)
     ref = x.double() @ p.dequantize(torch.float64).t() + b.double()
-    configs = triton_w4a16.configs_for(m)
-    assert any(c["DOT"] for c in configs) and any(not c["DOT"] for c in configs) == (m == 1)
-    for cfg in configs:
+    codes, scales = w4a16_pack(p.packed, p.block_scale)
+    for cfg in triton_w4a16.CONFIGS:
         out = torch.full((m, n), float("nan"))
-        triton_w4a16.small_m_gemm(x, w4a16_pack(p.packed), p.block_scale, p.global_scale, b, out,
-                                  config=cfg, split=split)
+        triton_w4a16.small_m_gemm(x, codes, scales, p.global_scale, b, out, config=cfg, split=split)
         assert rel(out, ref) < 1e-5, cfg
 
 
@@ -140,11 +140,8 @@ def test_w4a16_choice_is_a_tile_that_can_run_m_rows(n, k):
     sms = 132
     for m in range(1, triton_w4a16.SMALL_M_MAX + 1):
         tile, split = triton_w4a16.choose(m, n, k, sms)
-        assert tile in triton_w4a16.configs_for(m), (m, tile)
-        assert tile["DOT"] == (m > 1)
+        assert tile in triton_w4a16.CONFIGS, (m, tile)
         programs = -(-n // tile["BN"])
         assert 1 <= split <= 8 and (split == 1 or k // 128 // split >= 3), (m, split)
-        if m == 1 and programs >= 2 * sms:  # N alone fills the GPU: K is not split
-            assert split == 1
-        elif split > 1:  # split to fill the GPU, not past ~4.4 programs per SM
+        if split > 1:  # split to fill the GPU, not past ~4.4 programs per SM
             assert programs * split <= 4.4 * sms + programs, (m, programs, split)

@@ -57,7 +57,7 @@ def test_w4a16_decode_is_dequantize_bit_exact(n, k, dtype):
     from comfyui_nvfp4.kernels.w4a16_layout import w4a16_pack
     p = module(n, k).parts(DEV)[0]
     buf = torch.full((n + 4, k), float("nan"), device=DEV, dtype=dtype)
-    decode(w4a16_pack(p.packed), p.block_scale, p.global_scale, buf[2:2 + n])
+    decode(*w4a16_pack(p.packed, p.block_scale), p.global_scale, buf[2:2 + n])
     assert torch.equal(buf[2:2 + n], p.dequantize(dtype))
     assert buf[:2].isnan().all() and buf[2 + n:].isnan().all()
 
@@ -68,14 +68,14 @@ def test_w4a16_small_m_every_config(m, n, k):
     from comfyui_nvfp4.kernels.w4a16_layout import w4a16_pack
     mod = module(n, k)
     p = mod.parts(DEV)[0]
-    lay = w4a16_pack(p.packed)
+    codes, scales = w4a16_pack(p.packed, p.block_scale)
     b = mod.bias.to(DEV)
-    runs = [(cfg, None) for cfg in triton_w4a16.configs_for(m) + [None]]  # None: the tile choose() picks
+    runs = [(cfg, None) for cfg in triton_w4a16.CONFIGS + [None]]  # None: the tile choose() picks
     runs += [(None, split) for split in (1, 2, 3)]  # K ranges (fp32 atomics), masked tails included
     for cfg, split in runs:
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)  # poisoned
-        triton_w4a16.small_m_gemm(x, lay, p.block_scale, p.global_scale, b, out, config=cfg, split=split)
+        triton_w4a16.small_m_gemm(x, codes, scales, p.global_scale, b, out, config=cfg, split=split)
         assert torch.isfinite(out).all(), (cfg, split)
         assert rel(out, reference(mod, x)) < 1e-2, (cfg, split)
 
@@ -83,16 +83,20 @@ def test_w4a16_small_m_every_config(m, n, k):
 @pytest.mark.parametrize("m", [1, 2, 4, 7, 16])
 def test_w4a16_small_m_is_exact_up_to_fp32_sums(m):
     """fp32 output: every tile's products must be the exact e2m1 * e4m3 values (the tensor-core
-    tiles decode through bf16 subnormals in inline PTX and scale each group's fp32 product), e4m3
-    subnormal block scales included (rows 1e-5 as large as the rest), each output channel checked on its own."""
+    tiles decode through bf16 subnormals in inline PTX and multiply in the re-encoded block scale),
+    e4m3 subnormal block scales included (rows 1e-5 as large as the rest), and negative and zero
+    block scales (which the layout folds into the codes), each output channel checked on its own."""
     from comfyui_nvfp4.kernels import triton_w4a16
     from comfyui_nvfp4.kernels.w4a16_layout import w4a16_pack
     n, k = 200, 1024
     w = torch.randn(n, k) / k ** 0.5
     w[::4] *= 1e-5
     p = nvfp4.quantize(w.to(DEV))
-    raw = p.block_scale.view(torch.uint8)
+    raw = p.block_scale.view(torch.uint8).clone()
     assert ((raw & 0x78 == 0) & (raw != 0)).any(), "no subnormal e4m3 block scale to test"
+    raw[1::3, ::5] |= 0x80  # negative scales
+    raw[2::7, 1::3] = 0  # zero scales over non-zero codes
+    p = nvfp4.NVFP4Weight(p.packed, raw.view(torch.float8_e4m3fn), p.global_scale)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     b = (torch.randn(n, device=DEV) * 1e-6).to(torch.bfloat16)
     wd = p.dequantize(torch.float64)
@@ -100,11 +104,11 @@ def test_w4a16_small_m_is_exact_up_to_fp32_sums(m):
     # what fp32 sums can be off by scales with the sum of |products|, not with |sum| (which a
     # single row can cancel to ~0); a wrong decode or scale is off by ~1e-2 of it
     size = x.double().abs() @ wd.abs().t() + b.double().abs()
-    lay = w4a16_pack(p.packed)
-    for cfg in triton_w4a16.configs_for(m) + [None]:
+    codes, scales = w4a16_pack(p.packed, p.block_scale)
+    for cfg in triton_w4a16.CONFIGS + [None]:
         for split in (1, 3):
             out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.float32)
-            triton_w4a16.small_m_gemm(x, lay, p.block_scale, p.global_scale, b, out, config=cfg, split=split)
+            triton_w4a16.small_m_gemm(x, codes, scales, p.global_scale, b, out, config=cfg, split=split)
             err = ((out.double() - ref).abs() / size).max()
             assert err < 1e-5, (cfg, split, float(err))
 
