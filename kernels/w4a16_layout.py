@@ -22,6 +22,8 @@ one contiguous 256-byte block. Same bytes as the canonical codes and scales, plu
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SUPER = 128  # K elements per superchunk (16 words, 8 scale groups)
@@ -29,9 +31,10 @@ TILE_ROWS = 32  # rows stored together; programs take 1, 2 or 4 tiles
 # left rotation that decodes bit b (0-2 magnitude, 3 sign) of the nibble in field j of a word
 ROTATION = ((0, 0, 0, 0), (4, 4, 4, 4), (10, 10, 10, 10), (6, 14, 14, 14))
 TARGET_BIT = (6, 7, 8, 15)  # bf16 bit of e2m1 * 2^-126 for each nibble bit (low half; +16 high)
+SCALE_SHIFT = 106  # a scale byte decodes to |s| * 2^SCALE_SHIFT in bf16
 SCALE_EXP = 224  # bf16 exponent of the scale byte u = 0 (|s| = 2^-9, e4m3's smallest, * 2^106)
 SCALE_BIAS = SCALE_EXP << 7  # OR-ed onto u << 4: bf16 bits of |s| * 2^106
-WEIGHT_FACTOR = 2.0 ** 20  # decoded weights are e2m1 * scale / WEIGHT_FACTOR
+WEIGHT_FACTOR = 2.0 ** (126 - SCALE_SHIFT)  # decoded weights, e2m1 * 2^-126 * that, are e2m1 * scale / 2^20
 
 
 def padded_rows(n: int) -> int:
@@ -53,14 +56,16 @@ def encode_scales(block_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     if torch.isnan(s).any():
         r, g = (int(v) for v in torch.nonzero(torch.isnan(s))[0])
         raise ValueError(f"block scale of row {r}, group {g} is NaN: the weight would be NaN")
-    bits = (s.abs() * 2.0 ** 106).to(torch.bfloat16).view(torch.int16).int()
+    bits = (s.abs() * 2.0 ** SCALE_SHIFT).to(torch.bfloat16).view(torch.int16).int()
     zero = s == 0
     u = (((bits >> 7) - SCALE_EXP) << 3) | ((bits >> 4) & 7)
     return torch.where(zero, 0, u).to(torch.uint8), s < 0, zero
 
 
+@functools.lru_cache(maxsize=None)
 def _placement(device: torch.device) -> torch.Tensor:
-    """int32 [8 fields (j, eh), 16 codes]: the word bits each code of each field sets."""
+    """int32 [8 fields (j, eh), 16 codes]: the word bits each code of each field sets (made once
+    per device: every layer's packing reads it)."""
     table = torch.zeros(8, 16, dtype=torch.int64)
     code = torch.arange(16)
     for j in range(4):
