@@ -26,16 +26,44 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16_layout import SCALE_BIAS, SUPER, TILE_ROWS, WEIGHT_FACTOR, padded_rows
+from .w4a16_layout import (ROTATION, SCALE_BIAS, SCALE_EXP, SCALE_SHIFT, SUPER, TARGET_BIT, TILE_ROWS,
+                           WEIGHT_FACTOR, padded_rows)
 
 SMALL_M_MAX = 16
-# the layout's sizes as constants the kernels can read
+# the layout's sizes and tables as constants the kernels can read
 SUPER_K = tl.constexpr(SUPER)
 TILE_R = tl.constexpr(TILE_ROWS)
 TILE_WORDS = tl.constexpr(TILE_ROWS * 16)  # int32 words of one stored tile of one superchunk
 TILE_SCALE_WORDS = tl.constexpr(TILE_ROWS * 2)  # int32 words of its scales (8 bytes a row)
 S_BIAS = tl.constexpr(SCALE_BIAS)
 WEIGHT_F = tl.constexpr(WEIGHT_FACTOR)
+ROT = tl.constexpr(ROTATION)
+BIT = tl.constexpr(TARGET_BIT)
+
+
+def _pair_asm(group: int) -> str:
+    """pair_bf16's PTX for one group: per distinct rotation of its field, rotate the word that holds
+    the group (the pair's first for groups 0-3, second for 4-7) and mask the bf16 bits it places."""
+    src = "$1" if group < 4 else "$2"
+    rotations = ROTATION[group % 4]
+    parts = []
+    for r in dict.fromkeys(rotations):  # distinct, in order
+        mask = sum(1 << TARGET_BIT[b] for b in range(4) if rotations[b] == r) * 0x10001
+        parts.append((r, mask))
+    lines, regs = [], ["t", "u"]
+    for (r, mask), reg in zip(parts, regs):
+        dst = "$0" if len(parts) == 1 else reg
+        if r:
+            lines.append(f"shf.l.wrap.b32 {reg}, {src}, {src}, {r};")
+            lines.append(f"and.b32 {dst}, {reg}, 0x{mask:08X};")
+        else:
+            lines.append(f"and.b32 {dst}, {src}, 0x{mask:08X};")
+    if len(parts) == 2:
+        lines.append("or.b32 $0, t, u;")
+    return "{ .reg .b32 t, u; " + " ".join(lines) + " }"
+
+
+PAIR_ASM = tl.constexpr(tuple(_pair_asm(i) for i in range(8)))
 
 
 @triton.jit
@@ -49,38 +77,24 @@ def rotl(word, R: tl.constexpr):
 
 
 @triton.jit
-def field_bits(word, J: tl.constexpr, MAG: tl.constexpr):
-    """uint32 words -> the two nibbles of field J (w4a16_layout.ROTATION[J]) as 16-bit float bit
-    patterns: sign at bit 15, the 3 magnitude bits at MAG..MAG+2 of each half (MAG 6: bf16 e2m1 *
-    2^-126; MAG 9: fp16 e2m1 * 2^-14). The magnitude moves MAG - 6 bits further than the sign."""
-    SIGN: tl.constexpr = 0x80008000
-    if J == 3:
-        m0 = rotl(word, MAG) & ((1 << MAG) * 0x10001)
-        m12 = rotl(word, MAG + 8) & ((6 << MAG) * 0x10001)
-        return m0 | m12 | (rotl(word, 14) & SIGN)
-    R: tl.constexpr = 4 * J + 2 * (J // 2)  # ROTATION[J]: 0, 4, 10
-    if MAG == 6:
-        return rotl(word, R) & 0x81C081C0
-    return (rotl(word, (R + MAG - 6) % 32) & ((7 << MAG) * 0x10001)) | (rotl(word, R) & SIGN)
+def field_fp16(word, J: tl.constexpr):
+    """uint32 words -> the two nibbles of field J as fp16 bit patterns of e2m1 * 2^-14: each nibble
+    bit rotated by ROTATION[J] onto its bf16 bit (TARGET_BIT), the magnitude bits 3 further (fp16's
+    exponent field is 3 bits narrower than bf16's)."""
+    out = rotl(word, ROT[J][3]) & ((1 << BIT[3]) * 0x10001)  # the sign
+    for b in tl.static_range(3):
+        out |= rotl(word, (ROT[J][b] + 3) % 32) & ((1 << (BIT[b] + 3)) * 0x10001)
+    return out
 
 
 @triton.jit
 def pair_bf16(word, I: tl.constexpr):
     """[16, BN] words of a superchunk in the tensor cores' operand layout -> group I as a bf16
-    operand of e2m1 * 2^-126 (times `scale_bf16`). Inline PTX on a register pair: words 2p
+    operand of e2m1 * 2^-126 (times `scales_bf16`). Inline PTX on a register pair: words 2p
     (groups 0-3) and 2p + 1 (groups 4-7) hold both elements 2p, 2p + 1 of the pair's register,
-    so each output register is one rotate and mask (two for field 3) of one of them."""
-    SRC: tl.constexpr = "$1" if I < 4 else "$2"
-    J: tl.constexpr = I % 4
-    if J == 0:
-        body: tl.constexpr = f"and.b32 $0, {SRC}, 0x81C081C0;"
-    elif J == 3:
-        body: tl.constexpr = (f"shf.l.wrap.b32 t, {SRC}, {SRC}, 6; shf.l.wrap.b32 u, {SRC}, {SRC}, 14; "
-                              "and.b32 t, t, 0x00400040; and.b32 u, u, 0x81808180; or.b32 $0, t, u;")
-    else:
-        body: tl.constexpr = f"shf.l.wrap.b32 t, {SRC}, {SRC}, {4 * J + 2 * (J // 2)}; and.b32 $0, t, 0x81C081C0;"
-    return tl.inline_asm_elementwise(asm="{ .reg .b32 t, u; " + body + " }", constraints="=r,r,r",
-                                     args=[word], dtype=tl.bfloat16, is_pure=True, pack=2)
+    so each output register is one rotate and mask (two for field 3) of one of them (`_pair_asm`)."""
+    return tl.inline_asm_elementwise(asm=PAIR_ASM[I], constraints="=r,r,r", args=[word], dtype=tl.bfloat16,
+                                     is_pure=True, pack=2)
 
 
 @triton.jit
@@ -95,19 +109,21 @@ def scales_bf16(s_word, J: tl.constexpr):
         constraints="=h,=h,r", args=[s_word], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
 
 
+F32_SCALE_EXP = tl.constexpr(SCALE_EXP - SCALE_SHIFT + 14)  # fp32 exponent of the byte u = 0, * 2^14
+
+
 @triton.jit
 def scale_f32(s_word, J: tl.constexpr):
     """-> |scale| * 2^14 as fp32 (times field_f32's e2m1 * 2^-14: e2m1 * |scale|, exact): the
-    byte's 5 exponent and 3 mantissa bits moved to fp32's fields, the exponent rebased to
-    224 - 106 + 14 = 132."""
-    return ((((s_word >> (8 * J)) & 0xFF) << 20) + (132 << 23)).to(tl.float32, bitcast=True)
+    byte's 5 exponent and 3 mantissa bits moved to fp32's fields, the exponent rebased."""
+    return ((((s_word >> (8 * J)) & 0xFF) << 20) + (F32_SCALE_EXP << 23)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def field_f32(word, J: tl.constexpr):
     """uint32 words -> field J's (low, high) elements as fp32 e2m1 * 2^-14, exact (fp16 bits;
     fp16 -> fp32 keeps the subnormal e = 0 codes)."""
-    bits = field_bits(word, J, 9)
+    bits = field_fp16(word, J)
     lo = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     hi = (bits >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     return lo, hi
