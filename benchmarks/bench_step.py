@@ -189,7 +189,7 @@ def main():
     ap.add_argument("--comfyui", required=True)
     ap.add_argument("--profile", action="store_true", help="GPU kernel time by kind (attention/GEMM/...) per path")
     ap.add_argument("--graph", action="store_true", help="also time each path captured in one CUDA graph")
-    ap.add_argument("--prep-only", action="store_true", help="only time the fp8 preparation")
+    ap.add_argument("--prep-only", action="store_true", help="only time the preparations (fp8 and --backends)")
     ap.add_argument("--backends", default=f"dequant,w4a16,fp8,{FUSED}",
                     help=f"Hopper: dequant,w4a16,fp8,{FUSED}; Blackwell: dequant,cudnn,cutlass,trtllm")
     a = ap.parse_args()
