@@ -12,8 +12,10 @@ small-M (M <= SMALL_M_MAX: the modulation GEMMs at batch M, the time/guidance/ve
   so the products accumulate straight into the fp32 accumulator (about 2.9 SASS instructions
   per weight per thread at BN = 128; the tile before this layout took 6.5). Triton keeps the
   decode in the operand layout: the words go from its pipelined shared-memory buffer into
-  registers, no decoded weight goes through shared memory. K is split (fp32 partial sums added
-  atomically) when N alone gives too few programs.
+  registers, no decoded weight goes through shared memory. K is split when N alone gives too few
+  programs: each K range stores its fp32 partial sums in a workspace and the last range of a column
+  tile to finish (a per-tile arrival counter) adds them up in K order and writes the output, so a
+  call is one launch (no zeroing, no atomics per output, no copy) and its result deterministic.
 decode: the layer's weight decoded to a transient bf16/fp16 [N, K] buffer in one pass (read
   0.56 B, write 2 B per weight), for cuBLAS to multiply at large M where the GEMM is
   compute-bound and a decoding GEMM loses (the in-kernel decode measured 0.27x bf16 at M=4096).
@@ -216,10 +218,11 @@ def _group_dot(x, r_ok, word, s, acc, I: tl.constexpr):
 
 
 @triton.jit
-def _small_m_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_cm,
-                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr):
+def _small_m_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, c_ptr, part_ptr, count_ptr, M, N, K, stride_am,
+                    stride_cm, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr):
     """Program (n, s) owns BN output channels and the s-th of SPLIT K ranges, and streams those
-    4-bit weights once. SPLIT > 1 adds fp32 partial sums atomically into a zeroed c."""
+    4-bit weights once. SPLIT > 1: part_ptr holds [SPLIT, M, N] fp32 partial sums, count_ptr one
+    zeroed int32 arrival counter per column tile, which the tile's last program resets."""
     pid_k = tl.program_id(1)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_mask = offs_n < N
@@ -257,16 +260,30 @@ def _small_m_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, c_ptr, M, N, K, strid
                 lo, hi = field_f32(word.to(tl.uint32, bitcast=True), i % 4)
                 s = scale_f32(s03 if i < 4 else s47, i % 4) * (1 / WEIGHT_F)
                 acc = tl.dot(xi, tl.where(w[:, None] % 2 == 0, lo, hi) * s[None, :], acc, input_precision="ieee")
+    ok = r_ok[:, None] & n_mask[None, :]
+    if SPLIT > 1:
+        part = part_ptr + rows[:, None] * N + offs_n[None, :]
+        tl.store(part + pid_k * M * N, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial stored before the arrival is counted
+        # acq_rel at GPU scope: our partials are released with the count, the last program acquires all
+        arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            acc = tl.zeros((16, BN), dtype=tl.float32)
+            for j in tl.static_range(SPLIT):  # K order, whichever range finished last: deterministic
+                acc += tl.load(part + j * M * N, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.store(count_ptr + tl.program_id(0), 0)  # ready for the next call
+            _finish(acc, gs_ptr, bias_ptr, c_ptr, rows, offs_n, n_mask, ok, stride_cm, HAS_BIAS)
+    else:
+        _finish(acc, gs_ptr, bias_ptr, c_ptr, rows, offs_n, n_mask, ok, stride_cm, HAS_BIAS)
+
+
+@triton.jit
+def _finish(acc, gs_ptr, bias_ptr, c_ptr, rows, offs_n, n_mask, ok, stride_cm, HAS_BIAS: tl.constexpr):
+    """The full K sum -> times the global scale, plus bias, cast and stored."""
     acc = acc * (tl.load(gs_ptr) * WEIGHT_F)
     if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, b, 0.0)[None, :]  # once, by the first K range
-    dst = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
-    ok = r_ok[:, None] & n_mask[None, :]
-    if SPLIT == 1:
-        tl.store(dst, acc.to(c_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.atomic_add(dst, acc, mask=ok)
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=ok)
 
 
 def split_for(programs: int, n_sc: int, sms: int, per_sm: float) -> int:
@@ -279,11 +296,12 @@ def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
     """The tile and K split for this shape, fixed from timings of every tile and split on the FLUX
     shapes (BENCHMARKS.md, section 2) rather than by Triton's autotuner: for these
     few-microsecond kernels its picks differed between runs on the same card, and its per-call
-    bookkeeping costs host time. 128 rows per program for wide layers, 64 for N < 8192; K split
-    to about 4.4 programs per SM."""
-    bn = 128 if n >= 8192 else 64
-    cfg = next(c for c in CONFIGS if c["BN"] == bn)  # the first listed: its best pipeline depth
-    return cfg, split_for(triton.cdiv(n, bn), k // SUPER, sms, 4.4)
+    bookkeeping costs host time. 256 rows per program for N >= 16384, else 128, 3-deep prefetch;
+    K split to about 1.6 programs per SM (more splits cost more partial sums than they hide
+    latency from M = 2 on)."""
+    bn = 256 if n >= 16384 else 128
+    cfg = next(c for c in CONFIGS if c["BN"] == bn and c["num_stages"] == 3)
+    return cfg, split_for(triton.cdiv(n, bn), k // SUPER, sms, 1.6)
 
 
 @functools.lru_cache(maxsize=None)
@@ -307,11 +325,28 @@ def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale_w4a16: tor
         config = picked if config is None else config
         split = picked_split if split is None else split
     x2d = x2d.to(torch.bfloat16).contiguous()
-    target = out if split == 1 else torch.zeros((m, n), device=out.device, dtype=torch.float32)
-    _small_m_kernel[(triton.cdiv(n, config["BN"]), split)](
+    tiles = triton.cdiv(n, config["BN"])
+    if split > 1:
+        parts = torch.empty((split, m, n), device=out.device, dtype=torch.float32)  # every element written
+        counts = _arrival_counters(out.device, tiles)
+    else:
+        parts = counts = out  # unused
+    _small_m_kernel[(tiles, split)](
         x2d, _words(packed_w4a16), _words(scale_w4a16), global_scale.reshape(1).float(),
-        bias if bias is not None else x2d, target, m, n, k, x2d.stride(0), target.stride(0),
+        bias if bias is not None else x2d, out, parts, counts, m, n, k, x2d.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, SPLIT=split, ASM=x2d.is_cuda, **config)  # no inline PTX on the interpreter
-    if target is not out:
-        out.copy_(target)
     return out
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, at least `tiles`, kept per device and stream (each kernel
+    resets the ones it used, so they stay zero between calls; two streams must not share them)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counts = _COUNTERS.get(key)
+    if counts is None or counts.numel() < tiles:
+        counts = _COUNTERS[key] = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
+    return counts
