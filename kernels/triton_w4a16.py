@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .w4a16_layout import (ROTATION, SCALE_BIAS, SCALE_EXP, SCALE_SHIFT, SUPER, TARGET_BIT, TILE_ROWS,
-                           WEIGHT_FACTOR, padded_rows)
+                           WEIGHT_FACTOR, check_packable, padded_rows)
 
 SMALL_M_MAX = 16
 # the layout's sizes and tables as constants the kernels can read
@@ -176,6 +176,62 @@ def _decode_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, n_sc, stride_on):
     v = (v * tl.load(gs_ptr)).to(out_ptr.dtype.element_ty)
     e = sc * SUPER_K + tl.arange(0, SUPER_K)
     tl.store(out_ptr + n[:, None] * stride_on + e[None, :], v, mask=(n < N)[:, None])
+
+
+@triton.jit
+def _pack_kernel(code_ptr, scale_ptr, w_out, s_out, N, n_sc, stride_cn, stride_sn):
+    """Program (t, s): the canonical codes and e4m3 scales of rows of stored tile t x superchunk s
+    -> their w4a16 words and scale bytes (w4a16_layout.w4a16_pack is the reference)."""
+    r = tl.arange(0, TILE_R)
+    n = tl.program_id(0) * TILE_R + r
+    sc = tl.program_id(1)
+    ok = n < N  # padded rows: zero codes and scales
+    w = tl.arange(0, 16)
+    j = tl.arange(0, 4)
+    # word w = 2p + h holds field j of group 4h + j: canonical byte 8 (4h + j) + p (its two
+    # nibbles are the pair's elements 2p, 2p + 1)
+    group = 4 * (w % 2)[None, :, None] + j[None, None, :]
+    byte = tl.load(code_ptr + n[:, None, None] * stride_cn + sc * 64 + 8 * group + (w // 2)[None, :, None],
+                   mask=ok[:, None, None], other=0).to(tl.uint32)
+    raw = tl.load(scale_ptr + n[:, None, None] * stride_sn + sc * 8 + group, mask=ok[:, None, None],
+                  other=0).to(tl.uint32)
+    byte = tl.where((raw & 0x7F) == 0, 0, byte ^ ((raw >> 7) * 0x88))  # zero scale: no codes; negative: signs flipped
+    word = tl.zeros((TILE_R, 16, 4), dtype=tl.uint32)
+    for b in tl.static_range(4):
+        rot = tl.zeros((4,), dtype=tl.uint32)
+        for jj in tl.static_range(4):
+            rot = tl.where(j == jj, ROT[jj][b], rot)
+        for eh in tl.static_range(2):
+            bit = (byte >> (4 * eh + b)) & 1
+            word |= bit << ((BIT[b] + 16 * eh + 32 - rot[None, None, :]) % 32)
+    word = tl.sum(word, axis=2)  # the four fields' bits are disjoint: the sum is their OR
+    base = tl.program_id(0) * n_sc + sc
+    tl.store(w_out + base * TILE_WORDS + r[:, None] * 16 + w[None, :], word.to(tl.int32, bitcast=True))
+    # scale byte u: (u << 4) | SCALE_BIAS are the bf16 bits of |s| * 2^106
+    g = tl.arange(0, 8)
+    raw = tl.load(scale_ptr + n[:, None] * stride_sn + sc * 8 + g[None, :], mask=ok[:, None], other=0).to(tl.int32)
+    e = (raw >> 3) & 15
+    m = raw & 7
+    lead = (m >= 2).to(tl.int32) + (m >= 4).to(tl.int32)  # subnormal m * 2^-9: m's leading bit
+    sub = (lead << 3) | ((m << (3 - lead)) & 7)
+    u = tl.where(e > 0, ((e + 2) << 3) | m, sub)
+    u = tl.where((raw & 0x7F) == 0, 0, u)
+    tl.store(s_out + base * TILE_SCALE_WORDS * 4 + r[:, None] * 8 + g[None, :], u.to(tl.uint8))
+
+
+def pack(packed: torch.Tensor, block_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w4a16_layout.w4a16_pack in one kernel on the tensors' device (the same bytes, the same
+    refusals): canonical codes uint8 [N, K/2] and e4m3 block scales [N, K/16] -> the w4a16 codes
+    and scales."""
+    n, k = check_packable(packed, block_scale)
+    rows = padded_rows(n)
+    codes = torch.empty((rows, k // 2), device=packed.device, dtype=torch.uint8)
+    scales = torch.empty((rows, k // 16), device=packed.device, dtype=torch.uint8)
+    raw = block_scale.view(torch.uint8)
+    if n:
+        _pack_kernel[(rows // TILE_ROWS, k // SUPER)](packed, raw, _words(codes), scales, n, k // SUPER,
+                                                       packed.stride(0), raw.stride(0), num_warps=4)
+    return codes, scales
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:

@@ -50,12 +50,29 @@ def _tiled(per_row: torch.Tensor, n: int) -> torch.Tensor:
     return tiles.reshape(rows, -1).contiguous()
 
 
+def check_packable(packed: torch.Tensor, block_scale: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of canonical codes and block scales the layout can hold; a clear error otherwise,
+    a NaN scale included (one device sync)."""
+    n, half_k = packed.shape
+    k = half_k * 2
+    if k % SUPER:
+        raise ValueError(f"the w4a16 layout needs K % {SUPER} == 0, got K={k}")
+    if tuple(block_scale.shape) != (n, k // 16) or block_scale.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"the w4a16 layout needs {n}x{k // 16} e4m3 block scales, got {block_scale.dtype} "
+                         f"{tuple(block_scale.shape)}")
+    if packed.dtype != torch.uint8 or packed.stride(1) != 1 or block_scale.stride(1) != 1:
+        raise ValueError(f"the w4a16 layout needs uint8 codes and scales with contiguous rows, got codes "
+                         f"{packed.dtype} strides {packed.stride()}, scales strides {block_scale.stride()}")
+    nan = (block_scale.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's only NaN encodings
+    if nan.any():
+        r, g = (int(v) for v in torch.nonzero(nan)[0])
+        raise ValueError(f"block scale of row {r}, group {g} is NaN: the weight would be NaN")
+    return n, k
+
+
 def encode_scales(block_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """e4m3 scales [N, K/16] -> (u bytes [N, K/16], blocks whose code signs flip, blocks zeroed)."""
     s = block_scale.float()
-    if torch.isnan(s).any():
-        r, g = (int(v) for v in torch.nonzero(torch.isnan(s))[0])
-        raise ValueError(f"block scale of row {r}, group {g} is NaN: the weight would be NaN")
     bits = (s.abs() * 2.0 ** SCALE_SHIFT).to(torch.bfloat16).view(torch.int16).int()
     zero = s == 0
     u = (((bits >> 7) - SCALE_EXP) << 3) | ((bits >> 4) & 7)
@@ -79,12 +96,7 @@ def w4a16_pack(packed: torch.Tensor, block_scale: torch.Tensor) -> tuple[torch.T
     """Canonical low-nibble-first codes uint8 [N, K/2] and e4m3 block scales [N, K/16] -> the
     w4a16 codes (uint8 [padded_rows(N), K/2]) and scales (uint8 [padded_rows(N), K/16]), K % 128 == 0;
     the row dimension only sizes the buffers, the order is tile by tile."""
-    n, half_k = packed.shape
-    k = half_k * 2
-    if k % SUPER:
-        raise ValueError(f"the w4a16 layout needs K % {SUPER} == 0, got K={k}")
-    if tuple(block_scale.shape) != (n, k // 16):
-        raise ValueError(f"the w4a16 layout needs {n}x{k // 16} block scales, got {tuple(block_scale.shape)}")
+    n, k = check_packable(packed, block_scale)
     u, negative, zero = encode_scales(block_scale)
     codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, k // 16, 16)
     codes = torch.where(zero[..., None], 0, codes ^ (negative[..., None].to(torch.uint8) << 3))

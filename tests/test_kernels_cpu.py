@@ -68,7 +68,7 @@ def test_w4a16_layout_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match="K % 128"):
         w4a16_pack(torch.zeros(4, 80, dtype=torch.uint8), torch.zeros(4, 10, dtype=torch.float8_e4m3fn))
     packed, scale = _w4a16_weight(8, 256, seed=1)
-    with pytest.raises(ValueError, match="8x16 block scales"):
+    with pytest.raises(ValueError, match="8x16 e4m3 block scales"):
         w4a16_pack(packed, scale[:, :8])
     raw = scale.view(torch.uint8).clone()
     raw[3, 5] = 0xFF  # NaN

@@ -154,3 +154,22 @@ def test_w4a16_choice_is_a_tile_that_can_run_m_rows(n, k):
         assert 1 <= split <= 8 and (split == 1 or k // 128 // split >= 3), (m, split)
         if split > 1:  # split to fill the GPU, not past ~1.6 programs per SM
             assert programs * split <= 1.6 * sms + programs, (m, programs, split)
+
+
+@pytest.mark.parametrize("n,k", [(37, 384), (64, 128), (5, 256)])
+def test_w4a16_pack_kernel_writes_the_reference_layout(n, k):
+    """The packing kernel (what the backend prepares with on the GPU) writes the same bytes as
+    w4a16_layout.w4a16_pack (read back independently in test_kernels_cpu), for random codes with
+    negative, zero and subnormal block scales and rows padded to whole tiles; its refusals are the
+    reference's."""
+    from test_kernels_cpu import _w4a16_weight
+    packed, scale = _w4a16_weight(n, k, seed=n)
+    codes, scales = triton_w4a16.pack(packed, scale)
+    want_codes, want_scales = w4a16_pack(packed, scale)
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+    raw = scale.view(torch.uint8).clone()
+    raw[n - 1, 2] = 0x7F  # NaN
+    with pytest.raises(ValueError, match=f"row {n - 1}, group 2 is NaN"):
+        triton_w4a16.pack(packed, raw.view(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="K % 128"):
+        triton_w4a16.pack(packed[:, :40], scale[:, :5])

@@ -62,6 +62,19 @@ def test_w4a16_decode_is_dequantize_bit_exact(n, k, dtype):
     assert buf[:2].isnan().all() and buf[2 + n:].isnan().all()
 
 
+@pytest.mark.parametrize("n,k", [(37, 384), (3072, 3072), (200, 15360)])
+def test_w4a16_pack_kernel_writes_the_reference_layout(n, k):
+    """The GPU packing kernel the backend prepares with: the same bytes as the torch reference on
+    the CPU (negative, zero and subnormal scales, padded rows)."""
+    from test_kernels_cpu import _w4a16_weight  # tests/ is on the path (tests/conftest.py)
+    from comfyui_nvfp4.kernels import triton_w4a16
+    from comfyui_nvfp4.kernels.w4a16_layout import w4a16_pack
+    packed, scale = _w4a16_weight(n, k, seed=n)
+    codes, scales = triton_w4a16.pack(packed.to(DEV), scale.to(DEV))
+    want_codes, want_scales = w4a16_pack(packed, scale)
+    assert torch.equal(codes.cpu(), want_codes) and torch.equal(scales.cpu(), want_scales)
+
+
 @pytest.mark.parametrize("m,n,k", SMALL)
 def test_w4a16_small_m_every_config(m, n, k):
     from comfyui_nvfp4.kernels import triton_w4a16
