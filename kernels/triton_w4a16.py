@@ -344,8 +344,8 @@ def _finish(acc, gs_ptr, bias_ptr, c_ptr, rows, offs_n, n_mask, ok, stride_cm, H
 
 def split_for(programs: int, n_sc: int, sms: int, per_sm: float) -> int:
     """K ranges per output tile: about per_sm programs per SM in all, each range keeping at least 3
-    superchunks, at most 8 ranges."""
-    return max(1, min(round(per_sm * sms / programs), n_sc // 3, 8))
+    superchunks, at most 16 ranges."""
+    return max(1, min(round(per_sm * sms / programs), n_sc // 3, 16))
 
 
 def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
@@ -353,11 +353,12 @@ def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
     shapes (BENCHMARKS.md, section 2) rather than by Triton's autotuner: for these
     few-microsecond kernels its picks differed between runs on the same card, and its per-call
     bookkeeping costs host time. 256 rows per program for N >= 16384, else 128, 3-deep prefetch;
-    K split to about 1.6 programs per SM (more splits cost more partial sums than they hide
-    latency from M = 2 on)."""
+    K split to about 1.6 programs per SM, 2.9 for K > 6144 (12288 and 15360 -> 3072: 16 ranges of
+    6-8 superchunks beat 8 of 12-15 by 2-20%; on K = 3072 more splits cost more partial sums than
+    they hide latency)."""
     bn = 256 if n >= 16384 else 128
     cfg = next(c for c in CONFIGS if c["BN"] == bn and c["num_stages"] == 3)
-    return cfg, split_for(triton.cdiv(n, bn), k // SUPER, sms, 1.6)
+    return cfg, split_for(triton.cdiv(n, bn), k // SUPER, sms, 2.9 if k > 6144 else 1.6)
 
 
 @functools.lru_cache(maxsize=None)

@@ -84,7 +84,7 @@ def test_w4a16_small_m_every_config(m, n, k):
     codes, scales = w4a16_pack(p.packed, p.block_scale)
     b = mod.bias.to(DEV)
     runs = [(cfg, None) for cfg in triton_w4a16.CONFIGS + [None]]  # None: the tile choose() picks
-    runs += [(None, split) for split in (1, 2, 3)]  # K ranges, masked tails included
+    runs += [(None, split) for split in (1, 2, 3, 16)]  # K ranges, masked tails and empty ranges included
     for cfg, split in runs:
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device=DEV, dtype=torch.bfloat16)  # poisoned
