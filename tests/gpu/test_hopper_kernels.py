@@ -37,17 +37,21 @@ def reference(m, x):
 
 def test_act_quant_fp8_one_pass_is_per_token_exact():
     from comfyui_nvfp4.kernels.triton_fp8 import act_quant_fp8
+    # seeded: one unseeded full-suite run failed here once (eighth session) and 7 reruns did not;
+    # the messages say which check and by how much if it happens again
+    g = torch.Generator(device=DEV).manual_seed(5)
     for m, k in [(1, 3072), (7, 3000), (4096, 136), (33, 15360)]:
-        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * torch.rand(m, 1, device=DEV) * 10
+        x = torch.randn(m, k, device=DEV, generator=g, dtype=torch.bfloat16) * torch.rand(m, 1, device=DEV, generator=g) * 10
         q, s = act_quant_fp8(x)
         amax = x.float().abs().amax(1, keepdim=True)
-        assert torch.allclose(s, amax / 448, rtol=1e-6)
-        assert (q.float().abs().amax(1, keepdim=True) - 448).abs().max() < 1e-3  # each row's max hits 448
+        assert torch.allclose(s, amax / 448, rtol=1e-6), (m, k, float(((s - amax / 448) / (amax / 448)).abs().max()))
+        top = (q.float().abs().amax(1, keepdim=True) - 448).abs().max()
+        assert top < 1e-3, (m, k, float(top))  # each row's max hits 448
         ref = (x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn)
         # the kernel's fast fp32 division may differ from torch's by an ulp, which moves a value
         # sitting on an e4m3 rounding midpoint by one step (0.16% of them in one run): allow that
         diff = (q.view(torch.uint8).int() - ref.view(torch.uint8).int()).abs()
-        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2, (m, k, int(diff.max()), float((diff > 0).float().mean()))
 
 
 @pytest.mark.parametrize("n,k", [(3072, 3072), (1000, 384), (7, 128), (33, 640)])
