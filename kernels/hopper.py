@@ -235,7 +235,7 @@ class W4A16Backend(Backend):
         dev = x.device
         # (codes, scales, global scale, the part's rows: its w4a16 tensors are padded to whole tiles)
         parts = [(module.prep(self.name, f"w{i}", dev), module.prep(self.name, f"s{i}", dev),
-                  module.t(f"gscale_{i}", dev), module.stored(f"scale_{i}").shape[0]) for i in range(module.n_parts)]
+                  module.t(f"gscale_{i}", dev), module.part_shape(i)[0]) for i in range(module.n_parts)]
         if x2.shape[0] <= triton_w4a16.SMALL_M_MAX:
             out = torch.empty((x2.shape[0], module.out_features), device=x.device, dtype=torch.bfloat16)
             col = 0

@@ -64,10 +64,10 @@ def test_w4a16_kernels_reject_other_layouts():
 @pytest.mark.parametrize("split", [1, 2, 3, 16])
 def test_w4a16_small_m_every_config(m, split):
     """Every tile, whole and split K (5 superchunks: ranges of 3 + 2, 2 + 2 + 1, and 1 each
-    with 11 empty ranges at split 16). A split call
-    sums its ranges' partials in the program that arrives last: the output must be the same bits
-    whichever order they finish in (the interpreter runs them in grid order, 2 calls here), and the
-    arrival counters must be back at zero for the next call."""
+    with 11 empty ranges at split 16). A split call sums its ranges' partials in the program that
+    arrives last: the output must be the same bits whichever order they finish in (the
+    interpreter runs them in grid order, 2 calls here), and the arrival counters must be back at
+    zero for the next call."""
     n, k = 72, 640
     p = weight(n, k, seed=m, scale=3.0)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(10 + m)).to(torch.bfloat16)
@@ -174,3 +174,26 @@ def test_w4a16_pack_kernel_writes_the_reference_layout(n, k):
         triton_w4a16.pack(packed, raw.view(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="K % 128"):
         triton_w4a16.pack(packed[:, :40], scale[:, :5])
+
+
+def test_w4a16_backend_runs_a_fused_layer_with_parked_originals():
+    """The backend as the node uses it: a layer of two parts whose rows are not whole 32-row tiles
+    (each part's w4a16 tensors are padded, the output is not), prepared, its canonical codes and
+    scales parked, then run at small M (the tile) and large M (decode + GEMM)."""
+    from comfyui_nvfp4.kernels.hopper import W4A16Backend
+    from comfyui_nvfp4.kernels.module import NVFP4LinearModule
+    from comfyui_nvfp4.quant.layers import NVFP4Linear
+    k, rows = 256, (40, 24)
+    parts = [weight(r, k, seed=i) for i, r in enumerate(rows)]
+    bias = torch.randn(sum(rows)).to(torch.bfloat16)
+    m = NVFP4LinearModule(k, sum(rows))
+    m.set_layer(NVFP4Linear(parts, bias))
+    backend = W4A16Backend()
+    m.set_prepared(backend.name, backend.prepare(m))
+    m.park(backend.replaces)
+    w = torch.cat([p.dequantize(torch.float64) for p in parts])
+    for n_tokens, path in ((3, "w4a16"), (20, "w4a16-dq")):
+        x = torch.randn(n_tokens, k, generator=torch.Generator().manual_seed(n_tokens)).to(torch.bfloat16)
+        y = backend.run(m, x)
+        assert m.last_path == path and y.shape == (n_tokens, sum(rows))
+        assert rel(y, x.double() @ w.t() + bias.double()) < 1e-2, path
