@@ -216,7 +216,8 @@ def main():
                     m.drop_prepared()
                 info = preparation.prepare_modules(modules, b, dev, self_check=True, workers=preparation.PREP_WORKERS)
                 print(f"{extra} preparation, {preparation.PREP_WORKERS} thread(s), self-check True: "
-                      f"{info['seconds']:.2f} s ({when})", flush=True)
+                      f"{info['seconds']:.2f} s ({when}; of which compiling {info['compile_launches']} kernel "
+                      f"launches ahead: {info['compile_seconds']:.2f} s)", flush=True)
             for m in modules:
                 kept[m][extra] = {n[len(f"prep_{extra}_"):]: p.data for n, p in m.named_parameters()
                                   if n.startswith(f"prep_{extra}_")}

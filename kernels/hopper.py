@@ -225,6 +225,17 @@ class W4A16Backend(Backend):
                 raise ValueError(f"NVFP4 w4a16: layer {module.layer_name} part {i}: {e}") from None
         return out
 
+    def compile_ahead(self, modules, device):
+        """The pack, decode and one-row small-M variants of every layer shape (the self-check runs
+        the last two; sampling runs them too), compiled in parallel."""
+        if device.type != "cuda":
+            return 0  # the CPU interpreter compiles nothing
+        from . import triton_w4a16
+        shapes = {triton_w4a16.LayerShape(tuple(m.part_shape(i)[0] for i in range(m.n_parts)), m.in_features,
+                                          m.stored("bias") is not None)
+                  for m in modules if m.in_features % SUPER == 0}
+        return triton_w4a16.compile_ahead(shapes, device)
+
     def run(self, module, x):
         if module.in_features % SUPER:
             from .portable import DEQUANT

@@ -122,13 +122,15 @@ def prepare_modules(modules, backend, device: torch.device, *, self_check: bool 
     """Prepare every NVFP4 module for its backend (once) and drop other backends' layouts.
 
     `backend` is a Backend, or a function module -> Backend (per-layer choices of `auto`).
-    The first layer runs alone (it compiles the kernels); the others run `workers` at a time,
-    each thread on its own CUDA stream: the host<->device copies (most of the time for a model
-    offloaded to the CPU) of several layers then overlap."""
+    Each backend first compiles the kernels its layers will run, several at once
+    (Backend.compile_ahead; info["compile_seconds"]). The first layer then runs alone (it
+    compiles whatever was not covered); the others run `workers` at a time, each thread on its own
+    CUDA stream: the host<->device copies (most of the time for a model offloaded to the CPU) of
+    several layers then overlap."""
     choose = backend if callable(backend) and not isinstance(backend, registry.Backend) else (lambda m: backend)
     self_check = self_check_enabled() if self_check is None else self_check
     info = {"prepared_layers": 0, "freed_bytes": 0, "seconds": 0.0, "self_check_seconds": 0.0,
-            "self_check_min_cosine": None}
+            "self_check_min_cosine": None, "compile_seconds": 0.0, "compile_launches": 0}
     t0 = time.perf_counter()
     todo = [m for m in modules if m.format == "nvfp4"]
     jobs = []
@@ -155,6 +157,10 @@ def prepare_modules(modules, backend, device: torch.device, *, self_check: bool 
         progress(done, len(todo))
     if any(not b.parallel_prepare for _, b in jobs):
         workers = 1
+    t1 = time.perf_counter()
+    for b in {id(b): b for _, b in jobs}.values():  # each backend's kernels, all at once
+        info["compile_launches"] += b.compile_ahead([m for m, mb in jobs if mb is b], device)
+    info["compile_seconds"] = time.perf_counter() - t1
     with transfer.staging():
         _run_jobs(jobs, device, self_check, workers, finished)
     info["seconds"] = time.perf_counter() - t0

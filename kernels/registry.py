@@ -6,6 +6,7 @@ A backend declares:
   capability(device)    (ok, reason) - never raises; reason says why not
   prepare(module)       tensors to register on the module before sampling (may be empty)
   run(module, x)        the layer's output for input x
+  compile_ahead(modules, device)  compile, before preparing them, the kernels that will run (optional)
 
 Backends register themselves on import; `kernels/__init__.py` imports all of them.
 """
@@ -41,6 +42,12 @@ class Backend:
 
     def run(self, module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def compile_ahead(self, modules, device: torch.device) -> int:
+        """Compile the JIT kernels that preparing and self-checking `modules` on `device` will
+        run, several at once, before the first layer needs them. Returns how many kernel launches
+        it covered (0: nothing to compile)."""
+        return 0
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -7,8 +7,12 @@ the 2^14 into the e4m3 block scale (exact in fp32), so v * scale is the exact e2
 """
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 
@@ -73,3 +77,47 @@ def configs_for(kernel, **key) -> list[dict]:
     its constexprs plus its num_warps and num_stages (launch options a kernel call takes too)."""
     pruned = kernel.early_config_prune(kernel.configs, {}, **key) if kernel.early_config_prune else kernel.configs
     return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in pruned]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: what a call runs, and what compile_all compiles ahead of it."""
+    kernel: object  # a @triton.jit function
+    grid: tuple
+    args: tuple
+    options: dict  # constexprs and launch options (num_warps, num_stages)
+
+
+COMPILE_WORKERS = max(1, min(8, os.cpu_count() or 1))
+
+
+def compile_all(launches, device: torch.device, workers: int | None = None) -> None:
+    """Compile every launch's kernel variant for `device` without running it, `workers` at a time,
+    and load each into the GPU with its launcher. The launches may be built on meta tensors (their
+    dtypes, shapes, strides and pointer alignments pick the same variant as the real call).
+    Triton compiles each variant once (its disk cache makes a later process load it instead);
+    several at once overlap ptxas, the C compiler building the launchers and the passes that leave
+    the GIL."""
+    launches = list(launches)
+    workers = COMPILE_WORKERS if workers is None else workers
+    if not launches:
+        return
+    async_mode = getattr(triton, "AsyncCompileMode", None)  # Triton 3.4+
+    with torch.cuda.device(device), ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvfp4-compile") as pool:
+        if async_mode is None or workers <= 1:
+            kernels = [lc.kernel.warmup(*lc.args, grid=lc.grid, **lc.options) for lc in launches]
+        else:
+            with async_mode(pool):  # leaving it waits for every compile
+                kernels = [lc.kernel.warmup(*lc.args, grid=lc.grid, **lc.options) for lc in launches]
+        compiled = {id(k): k for k in (getattr(k, "result", lambda: k)() for k in kernels) if k is not None}
+        # A variant's first launch would otherwise build its C launcher (a compiler run the first
+        # time on a machine) and load its module, one layer at a time: do it here, in parallel.
+        # _init_handles is Triton's own lazy loader (3.x); without it the first launch loads.
+        list(pool.map(lambda k: _load(k, device), compiled.values()))
+
+
+def _load(kernel, device: torch.device) -> None:
+    init = getattr(kernel, "_init_handles", None)
+    if init is not None:
+        with torch.cuda.device(device):
+            init()

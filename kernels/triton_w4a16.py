@@ -19,15 +19,20 @@ small-M (M <= SMALL_M_MAX: the modulation GEMMs at batch M, the time/guidance/ve
 decode: the layer's weight decoded to a transient bf16/fp16 [N, K] buffer in one pass (read
   0.56 B, write 2 B per weight), for cuBLAS to multiply at large M where the GEMM is
   compute-bound and a decoding GEMM loses (the in-kernel decode measured 0.27x bf16 at M=4096).
+compile_ahead: the variants preparing a model's layers runs (pack, decode, small-M at one row),
+  compiled in parallel threads from launches built on meta tensors by the same functions the
+  calls use (_pack_launch, _decode_launch, _small_m_launch), so they are the same variants.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .triton_common import Launch, compile_all
 from .w4a16_layout import (ROTATION, SCALE_BIAS, SCALE_EXP, SCALE_SHIFT, SUPER, TARGET_BIT, TILE_ROWS,
                            WEIGHT_FACTOR, check_packable, padded_rows)
 
@@ -223,15 +228,24 @@ def pack(packed: torch.Tensor, block_scale: torch.Tensor) -> tuple[torch.Tensor,
     """w4a16_layout.w4a16_pack in one kernel on the tensors' device (the same bytes, the same
     refusals): canonical codes uint8 [N, K/2] and e4m3 block scales [N, K/16] -> the w4a16 codes
     and scales."""
-    n, k = check_packable(packed, block_scale)
+    check_packable(packed, block_scale)
+    codes, scales, launch = _pack_launch(packed, block_scale)
+    if packed.shape[0]:
+        _pack_kernel[launch.grid](*launch.args, **launch.options)
+    return codes, scales
+
+
+def _pack_launch(packed: torch.Tensor, block_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Launch]:
+    """The outputs and the launch of pack (also built on meta tensors by compile_ahead)."""
+    n, half_k = packed.shape
+    k = half_k * 2
     rows = padded_rows(n)
     codes = torch.empty((rows, k // 2), device=packed.device, dtype=torch.uint8)
     scales = torch.empty((rows, k // 16), device=packed.device, dtype=torch.uint8)
     raw = block_scale.view(torch.uint8)
-    if n:
-        _pack_kernel[(rows // TILE_ROWS, k // SUPER)](packed, raw, _words(codes), scales, n, k // SUPER,
-                                                       packed.stride(0), raw.stride(0), num_warps=4)
-    return codes, scales
+    return codes, scales, Launch(_pack_kernel, (rows // TILE_ROWS, k // SUPER),
+                                 (packed, raw, _words(codes), scales, n, k // SUPER, packed.stride(0), raw.stride(0)),
+                                 dict(num_warps=4))
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -253,10 +267,16 @@ def decode(packed_w4a16: torch.Tensor, scale_w4a16: torch.Tensor, global_scale: 
     _check(packed_w4a16, scale_w4a16, n, k, "decode")
     if out.stride(1) != 1:
         raise ValueError(f"decode: need out with contiguous rows, got strides {out.stride()}")
-    _decode_kernel[(padded_rows(n) // TILE_ROWS, k // SUPER)](  # a program writes 32 rows x 128 elements
-        _words(packed_w4a16), _words(scale_w4a16), global_scale.reshape(1).float(), out, n, k // SUPER,
-        out.stride(0), num_warps=4)
+    launch = _decode_launch(packed_w4a16, scale_w4a16, global_scale, out)
+    _decode_kernel[launch.grid](*launch.args, **launch.options)
     return out
+
+
+def _decode_launch(packed_w4a16, scale_w4a16, global_scale, out) -> Launch:
+    n, k = out.shape
+    return Launch(_decode_kernel, (padded_rows(n) // TILE_ROWS, k // SUPER),  # a program: 32 rows x 128 elements
+                  (_words(packed_w4a16), _words(scale_w4a16), global_scale.reshape(1).float(), out, n, k // SUPER,
+                   out.stride(0)), dict(num_warps=4))
 
 
 # Every small-M tile the kernel has (tests run them all, choose() picks one per shape): BN rows
@@ -381,18 +401,28 @@ def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale_w4a16: tor
         picked, picked_split = choose(m, n, k, _sm_count(x2d.device) if x2d.is_cuda else 1)
         config = picked if config is None else config
         split = picked_split if split is None else split
+    launch = _small_m_launch(x2d, packed_w4a16, scale_w4a16, global_scale, bias, out, config, split)
+    _small_m_kernel[launch.grid](*launch.args, **launch.options)
+    return out
+
+
+def _small_m_launch(x2d, packed_w4a16, scale_w4a16, global_scale, bias, out, config: dict, split: int) -> Launch:
+    """The launch of one small_m_gemm call (compile_ahead builds it on meta tensors: the same
+    argument types, values and alignments, so the same compiled variant)."""
+    m, k = x2d.shape
+    n = out.shape[1]
     x2d = x2d.to(torch.bfloat16).contiguous()
     tiles = triton.cdiv(n, config["BN"])
     if split > 1:
         parts = torch.empty((split, m, n), device=out.device, dtype=torch.float32)  # every element written
-        counts = _arrival_counters(out.device, tiles)
+        counts = (torch.empty(tiles, device="meta", dtype=torch.int32) if out.is_meta
+                  else _arrival_counters(out.device, tiles))
     else:
         parts = counts = out  # unused
-    _small_m_kernel[(tiles, split)](
-        x2d, _words(packed_w4a16), _words(scale_w4a16), global_scale.reshape(1).float(),
-        bias if bias is not None else x2d, out, parts, counts, m, n, k, x2d.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, SPLIT=split, ASM=x2d.is_cuda, **config)  # no inline PTX on the interpreter
-    return out
+    return Launch(_small_m_kernel, (tiles, split),
+                  (x2d, _words(packed_w4a16), _words(scale_w4a16), global_scale.reshape(1).float(),
+                   bias if bias is not None else x2d, out, parts, counts, m, n, k, x2d.stride(0), out.stride(0)),
+                  dict(HAS_BIAS=bias is not None, SPLIT=split, ASM=not x2d.is_cpu, **config))  # no PTX on the interpreter
 
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -407,3 +437,43 @@ def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     if counts is None or counts.numel() < tiles:
         counts = _COUNTERS[key] = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
     return counts
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the kernel variants a layer needs depend on: its parts' rows, K and whether it has a bias."""
+    rows: tuple[int, ...]
+    k: int
+    has_bias: bool
+
+
+def preparation_launches(layer: LayerShape, sms: int) -> list[Launch]:
+    """The launches preparing a layer of this shape makes (pack per part) and its self-check
+    (bf16: at SELF_CHECK_ROWS rows decode per part, then cuBLAS; at one row small-M per part),
+    on meta tensors."""
+    meta = dict(device="meta")
+    n_total, k = sum(layer.rows), layer.k
+    bias = torch.empty(n_total, dtype=torch.bfloat16, **meta) if layer.has_bias else None
+    x = torch.empty((1, k), dtype=torch.bfloat16, **meta)
+    out = torch.empty((1, n_total), dtype=torch.bfloat16, **meta)
+    weight = torch.empty((n_total, k), dtype=torch.bfloat16, **meta)
+    gscale = torch.empty((), dtype=torch.float32, **meta)
+    launches, start = [], 0
+    for n in layer.rows:
+        codes, scales, pack_launch = _pack_launch(torch.empty((n, k // 2), dtype=torch.uint8, **meta),
+                                                  torch.empty((n, k // 16), dtype=torch.float8_e4m3fn, **meta))
+        cfg, split = choose(1, n, k, sms)
+        launches += [pack_launch, _decode_launch(codes, scales, gscale, weight[start:start + n]),
+                     _small_m_launch(x, codes, scales, gscale, None if bias is None else bias[start:start + n],
+                                     out[:, start:start + n], cfg, split)]
+        start += n
+    return launches
+
+
+def compile_ahead(layers, device: torch.device, workers: int | None = None) -> int:
+    """Compile the kernel variants that preparing and self-checking these LayerShapes runs, several
+    at once (triton_common.compile_all), before the first layer needs them: a machine's first
+    preparation otherwise compiles them one after another. Returns how many launches it covered."""
+    launches = [lc for layer in set(layers) for lc in preparation_launches(layer, _sm_count(device))]
+    compile_all(launches, device, workers)
+    return len(launches)

@@ -197,3 +197,45 @@ def test_w4a16_backend_runs_a_fused_layer_with_parked_originals():
         y = backend.run(m, x)
         assert m.last_path == path and y.shape == (n_tokens, sum(rows))
         assert rel(y, x.double() @ w.t() + bias.double()) < 1e-2, path
+
+
+def _variant(launch):
+    """What picks a compiled variant: the kernel, each tensor's dtype, shape, strides and 16-byte
+    alignment, each int, the constexprs and options (ASM aside: no PTX on the interpreter)."""
+    def arg(a):
+        if isinstance(a, torch.Tensor):
+            return (a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16 == 0)
+        return a
+    return (launch.kernel, tuple(arg(a) for a in launch.args),
+            {k: v for k, v in launch.options.items() if k != "ASM"})
+
+
+def test_compile_ahead_builds_the_launches_the_backend_makes(monkeypatch):
+    """compile_ahead builds its launches on meta tensors; they must be the ones the backend's real
+    calls make (else preparation would compile again). The real calls are recorded (the launch
+    builders are wrapped, the kernels still run) on a layer of two parts whose second starts at
+    an unaligned column (66 bf16: 132 bytes), at one row (small-M) and SELF_CHECK_ROWS (decode)."""
+    from comfyui_nvfp4.kernels.hopper import W4A16Backend
+    from comfyui_nvfp4.kernels.module import NVFP4LinearModule
+    from comfyui_nvfp4.kernels.preparation import SELF_CHECK_ROWS
+    from comfyui_nvfp4.quant.layers import NVFP4Linear
+    k, rows = 256, (66, 134)
+    for bias in (torch.randn(sum(rows)).to(torch.bfloat16), None):
+        m = NVFP4LinearModule(k, sum(rows), bias=bias is not None)
+        m.set_layer(NVFP4Linear([weight(r, k, seed=i) for i, r in enumerate(rows)], bias))
+        backend = W4A16Backend()
+        m.set_prepared(backend.name, backend.prepare(m))
+        real = []
+        for name in ("_small_m_launch", "_decode_launch"):
+            builder = getattr(triton_w4a16, name)
+            monkeypatch.setattr(triton_w4a16, name, lambda *a, _b=builder, **kw: real.append(_b(*a, **kw)) or real[-1])
+        x = torch.randn(SELF_CHECK_ROWS, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        backend.run(m, x[:1])
+        backend.run(m, x)
+        monkeypatch.undo()
+        shape = triton_w4a16.LayerShape(rows, k, bias is not None)
+        assert shape == triton_w4a16.LayerShape(tuple(m.part_shape(i)[0] for i in range(2)), k, bias is not None)
+        ahead = [lc for lc in triton_w4a16.preparation_launches(shape, 1)
+                 if lc.kernel is not triton_w4a16._pack_kernel]  # the CPU packs with torch
+        assert len(real) == 4 and sorted(map(repr, map(_variant, real))) == sorted(map(repr, map(_variant, ahead)))
+        assert real[1].args[5].data_ptr() % 16 != 0  # the unaligned part was among them

@@ -302,3 +302,37 @@ def test_staged_transfers_are_exact_and_release_their_buffers():
             assert torch.equal(h.view(torch.uint8), t.contiguous().view(torch.uint8)) if t.dtype == torch.float8_e4m3fn \
                 else torch.equal(h, t)
     assert transfer._current.get() is None
+
+
+def test_w4a16_compile_ahead_leaves_preparation_nothing_to_compile():
+    """Preparation first compiles every kernel variant its layers need, in parallel threads, from
+    launches built on meta tensors. Had one picked another variant than the real call (a dtype, an
+    alignment, M == 1, a constexpr), preparation would compile it again: Triton's jit_cache_hook
+    (called before each compile, never on a cache hit) must see only compile_ahead's warm-ups.
+    The kernels' in-memory caches are emptied first, so earlier tests' compiles do not count."""
+    from triton import knobs
+    from comfyui_nvfp4.kernels import triton_w4a16 as w
+    for kernel in (w._pack_kernel, w._decode_kernel, w._small_m_kernel):
+        kernel.device_caches.clear()
+    seen = []
+
+    def hook(*, fn, is_manual_warmup, **_):
+        seen.append((fn.name, is_manual_warmup))
+        return False  # compile as usual
+
+    b = registry.get("w4a16")
+    # parts of 66 and 134 rows: the second part's outputs start at an unaligned column
+    mods = [module(200, 256, parts=2), module(200, 256, parts=2, bias=False), module(3072, 3072), module(9216, 3072)]
+    old = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        covered = b.compile_ahead(mods, DEV)
+        ahead = list(seen)
+        seen.clear()
+        info = preparation.prepare_modules(mods, b, DEV, self_check=True)
+    finally:
+        knobs.runtime.jit_cache_hook = old
+    assert covered == 3 * 6 and info["prepared_layers"] == 4 and info["self_check_min_cosine"] > 0.99
+    assert ahead and all(warm for _, warm in ahead)
+    assert {name for name, _ in ahead} >= {"_pack_kernel", "_decode_kernel", "_small_m_kernel"}
+    assert seen == [], f"preparation compiled {seen} after compile_ahead"
