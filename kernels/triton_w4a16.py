@@ -157,7 +157,7 @@ def _scaled_field(word, s_word, J: tl.constexpr):
     return tl.join(lo * s, hi * s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_sc"])  # n_sc % 16 changes no instruction: one variant fewer
 def _decode_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, n_sc, stride_on):
     """Program (t, s): stored tile t (TILE_ROWS rows) x superchunk s, written in K order."""
     r = tl.arange(0, TILE_R)
@@ -183,7 +183,7 @@ def _decode_kernel(w_ptr, s_ptr, gs_ptr, out_ptr, N, n_sc, stride_on):
     tl.store(out_ptr + n[:, None] * stride_on + e[None, :], v, mask=(n < N)[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_sc"])  # n_sc % 16 changes no instruction: one variant fewer
 def _pack_kernel(code_ptr, scale_ptr, w_out, s_out, N, n_sc, stride_cn, stride_sn):
     """Program (t, s): the canonical codes and e4m3 scales of rows of stored tile t x superchunk s
     -> their w4a16 words and scale bytes (w4a16_layout.w4a16_pack is the reference)."""
