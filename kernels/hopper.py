@@ -34,9 +34,27 @@ SCALED_MM_MIN_M = 64
 _SCALED_MM_REJECTED: set[tuple[int, int, int]] = set()
 
 
+def scaled_mm_shape_ok(n: int, k: int) -> bool:
+    """torch._scaled_mm's rule on CUDA (a RuntimeError otherwise): N and K multiples of 16."""
+    return n % 16 == 0 and k % 16 == 0
+
+
 def _gemm_key(m: int, w: torch.Tensor) -> tuple[int, int, int]:
     """(M as padded for cuBLASLt, N, K): what _SCALED_MM_REJECTED remembers."""
     return max(m, SCALED_MM_MIN_M), w.shape[0], w.shape[1]
+
+
+def _rejected(m: int, w: torch.Tensor) -> bool:
+    """Whether torch._scaled_mm cannot take M rows against w (remembered per shape, logged once)."""
+    key = _gemm_key(m, w)
+    if key in _SCALED_MM_REJECTED:
+        return True
+    if not scaled_mm_shape_ok(*w.shape):
+        _SCALED_MM_REJECTED.add(key)
+        log.warning("NVFP4 fp8: torch._scaled_mm needs N and K multiples of 16, this layer is N=%d K=%d; "
+                    "it runs 'fp8-dq' (FP8 weights dequantized, bf16 GEMM)", w.shape[0], w.shape[1])
+        return True
+    return False
 
 
 def _cuda_cc_below(device, minimum: tuple[int, int], no_gpu: str, too_old: str) -> str | None:
@@ -125,6 +143,16 @@ class FP8Backend(Backend):
             row += n
         return {"w": q, "ws": scale}
 
+    def compile_ahead(self, modules, device):
+        """The conversion, activation quantization and untuned one-row GEMV variants of every layer
+        shape (what preparation and its self-check run), compiled in parallel."""
+        if device.type != "cuda":
+            return 0  # preparation converts with torch there
+        from . import triton_fp8
+        from .preparation import SELF_CHECK_ROWS
+        from .triton_common import LayerShape
+        return triton_fp8.compile_ahead({LayerShape.of(m) for m in modules}, device, SELF_CHECK_ROWS)
+
     def run(self, module, x):
         from . import triton_fp8
         x2 = x.reshape(-1, x.shape[-1])
@@ -150,7 +178,7 @@ class FP8Backend(Backend):
     def _scaled_mm(self, x2, w, ws, b, out_dtype):
         """Per-token FP8 activations x FP8 weights on cuBLASLt; None where cuBLASLt rejects the shape."""
         from .triton_fp8 import act_quant_fp8
-        if _gemm_key(x2.shape[0], w) in _SCALED_MM_REJECTED:  # skip quantizing for nothing
+        if _rejected(x2.shape[0], w):  # skip quantizing for nothing
             return None
         q, xs = act_quant_fp8(x2)
         return self.gemm_quantized(q, xs, w, ws, b, out_dtype)
@@ -161,7 +189,7 @@ class FP8Backend(Backend):
         m = q.shape[0]
         key = _gemm_key(m, w)
         mp = key[0]
-        if key in _SCALED_MM_REJECTED:
+        if _rejected(m, w):
             return None
         if m < mp:
             q = torch.cat([q, q.new_zeros(mp - m, q.shape[1])])
@@ -231,10 +259,8 @@ class W4A16Backend(Backend):
         if device.type != "cuda":
             return 0  # the CPU interpreter compiles nothing
         from . import triton_w4a16
-        shapes = {triton_w4a16.LayerShape(tuple(m.part_shape(i)[0] for i in range(m.n_parts)), m.in_features,
-                                          m.stored("bias") is not None)
-                  for m in modules if m.in_features % SUPER == 0}
-        return triton_w4a16.compile_ahead(shapes, device)
+        from .triton_common import LayerShape
+        return triton_w4a16.compile_ahead({LayerShape.of(m) for m in modules if m.in_features % SUPER == 0}, device)
 
     def run(self, module, x):
         if module.in_features % SUPER:

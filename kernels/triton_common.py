@@ -88,6 +88,19 @@ class Launch:
     options: dict  # constexprs and launch options (num_warps, num_stages)
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """What the kernel variants a layer needs depend on: its parts' rows, K and whether it has a bias."""
+    rows: tuple[int, ...]
+    k: int
+    has_bias: bool
+
+    @classmethod
+    def of(cls, module) -> "LayerShape":
+        return cls(tuple(module.part_shape(i)[0] for i in range(module.n_parts)), module.in_features,
+                   module.stored("bias") is not None)
+
+
 COMPILE_WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 

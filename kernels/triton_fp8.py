@@ -7,6 +7,8 @@ small_m_gemm: M <= 16 rows against FP8 weights with per-channel scales (the M=1 
 nvfp4_to_fp8: preparation. Per row: decode NVFP4, take amax, pick the best of SCALE_CANDIDATES
   (smallest squared rounding error), write e4m3 + the fp32 row scale. One launch per part; the
   same arithmetic as hopper.fp8_weight (the torch reference), in a fraction of the memory traffic.
+compile_ahead: the variants preparing a model's layers runs, compiled in parallel threads from
+  launches built on meta tensors by the same functions the calls use.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import e4m3_scale, fp4_pair, fp8_codes, fp8_row_scale, launch, row_tile
+from .triton_common import (LayerShape, Launch, compile_all, configs_for, e4m3_scale, fp4_pair, fp8_codes,
+                            fp8_row_scale, launch, row_tile)
 
 SMALL_M_MAX = 16  # M up to this runs small_m_gemm
 
@@ -35,6 +38,12 @@ def _act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
 
 def act_quant_fp8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] bf16/fp16 -> (fp8 e4m3 [M, K], fp32 scales [M, 1]) with x ~= q * scale."""
+    q, s, lc = _act_quant_launch(x2d)
+    _act_quant_fp8_kernel[lc.grid](*lc.args, **lc.options)
+    return q, s
+
+
+def _act_quant_launch(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Launch]:
     m, k = x2d.shape
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
@@ -44,9 +53,8 @@ def act_quant_fp8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # ~16K elements per program keeps enough bytes in flight per SM (K=3072 -> 4 rows).
     rows = max(1, min(16, 16384 // block_k))
     warps = 4 if block_k * rows <= 4096 else (8 if block_k * rows <= 8192 else 16)
-    _act_quant_fp8_kernel[(triton.cdiv(m, rows),)](x2d, q, s, m, k, x2d.stride(0), q.stride(0),
-                                                   BLOCK_K=block_k, ROWS=rows, num_warps=warps)
-    return q, s
+    return q, s, Launch(_act_quant_fp8_kernel, (triton.cdiv(m, rows),), (x2d, q, s, m, k, x2d.stride(0), q.stride(0)),
+                        dict(BLOCK_K=block_k, ROWS=rows, num_warps=warps))
 
 
 def _small_configs():
@@ -110,6 +118,13 @@ def _small_m_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, M, N, K, stride_am, s
 
 def small_m_gemm(x2d: torch.Tensor, w8: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    out, grid, args, kwargs = _small_m_call(x2d, w8, ws, bias, out_dtype)
+    launch(_small_m_kernel, grid, args, kwargs, config)
+    return out
+
+
+def _small_m_call(x2d, w8, ws, bias, out_dtype):
+    """small_m_gemm's output, grid, arguments and keys (the autotuner picks the rest)."""
     m, k = x2d.shape
     n = w8.shape[0]
     if m > SMALL_M_MAX:
@@ -117,10 +132,8 @@ def small_m_gemm(x2d: torch.Tensor, w8: torch.Tensor, ws: torch.Tensor, bias: to
     x2d = x2d.contiguous()
     out = torch.empty((m, n), device=x2d.device, dtype=out_dtype)
     grid = lambda meta: (triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    launch(_small_m_kernel, grid, (x2d, w8, ws, bias if bias is not None else x2d, out, m, n, k, x2d.stride(0),
-                                   w8.stride(0), out.stride(0)),
-           dict(HAS_BIAS=bias is not None, MP=row_tile(m)), config)
-    return out
+    return out, grid, (x2d, w8, ws, bias if bias is not None else x2d, out, m, n, k, x2d.stride(0), w8.stride(0),
+                       out.stride(0)), dict(HAS_BIAS=bias is not None, MP=row_tile(m))
 
 
 @triton.jit
@@ -178,6 +191,46 @@ def nvfp4_to_fp8(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: 
     n, half_k = packed.shape
     if q_out.shape != (n, 2 * half_k) or q_out.stride(1) != 1 or scale_out.shape != (n,):
         raise ValueError(f"nvfp4_to_fp8: outputs must be [{n}, {2 * half_k}] and [{n}]")
-    _nvfp4_to_fp8_kernel[(n,)](packed, block_scale.view(torch.uint8), global_scale.reshape(1).float(), q_out,
-                               scale_out, half_k, packed.stride(0), block_scale.stride(0), q_out.stride(0),
-                               BB=256, num_warps=4)
+    lc = _to_fp8_launch(packed, block_scale, global_scale, q_out, scale_out)
+    _nvfp4_to_fp8_kernel[lc.grid](*lc.args, **lc.options)
+
+
+def _to_fp8_launch(packed, block_scale, global_scale, q_out, scale_out) -> Launch:
+    n, half_k = packed.shape
+    return Launch(_nvfp4_to_fp8_kernel, (n,), (packed, block_scale.view(torch.uint8), global_scale.reshape(1).float(),
+                                              q_out, scale_out, half_k, packed.stride(0), block_scale.stride(0),
+                                              q_out.stride(0)), dict(BB=256, num_warps=4))
+
+
+def preparation_launches(layer: LayerShape, check_rows: int) -> list[Launch]:
+    """The launches preparing a layer of this shape makes (the conversion per part) and its
+    self-check (bf16: the activation quantization at `check_rows` rows before torch._scaled_mm,
+    where that takes the shape; the
+    small-M GEMV at one row, on the config the check runs untuned), on meta tensors."""
+    meta = dict(device="meta")
+    n_total, k = sum(layer.rows), layer.k
+    q = torch.empty((n_total, k), dtype=torch.float8_e4m3fn, **meta)
+    scale = torch.empty(n_total, dtype=torch.float32, **meta)
+    gscale = torch.empty((), dtype=torch.float32, **meta)
+    launches, start = [], 0
+    for n in layer.rows:
+        launches.append(_to_fp8_launch(torch.empty((n, k // 2), dtype=torch.uint8, **meta),
+                                       torch.empty((n, k // 16), dtype=torch.float8_e4m3fn, **meta), gscale,
+                                       q[start:start + n], scale[start:start + n]))
+        start += n
+    from .hopper import scaled_mm_shape_ok
+    if scaled_mm_shape_ok(n_total, k):  # else that check runs fp8-dq: nothing to quantize
+        launches.append(_act_quant_launch(torch.empty((check_rows, k), dtype=torch.bfloat16, **meta))[2])
+    bias = torch.empty(n_total, dtype=torch.bfloat16, **meta) if layer.has_bias else None
+    _, _, args, keys = _small_m_call(torch.empty((1, k), dtype=torch.bfloat16, **meta), q, scale, bias, torch.bfloat16)
+    config = configs_for(_small_m_kernel, **keys)[0]  # what triton_common.launch runs untuned
+    launches.append(Launch(_small_m_kernel.fn, (triton.cdiv(n_total, config["BN"]),), args, {**keys, **config}))
+    return launches
+
+
+def compile_ahead(layers, device: torch.device, check_rows: int, workers: int | None = None) -> int:
+    """Compile the variants preparing and self-checking these LayerShapes runs, several at once
+    (triton_common.compile_all). Returns how many launches it covered."""
+    launches = [lc for layer in set(layers) for lc in preparation_launches(layer, check_rows)]
+    compile_all(launches, device, workers)
+    return len(launches)

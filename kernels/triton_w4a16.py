@@ -26,13 +26,12 @@ compile_ahead: the variants preparing a model's layers runs (pack, decode, small
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import Launch, compile_all
+from .triton_common import LayerShape, Launch, compile_all
 from .w4a16_layout import (ROTATION, SCALE_BIAS, SCALE_EXP, SCALE_SHIFT, SUPER, TARGET_BIT, TILE_ROWS,
                            WEIGHT_FACTOR, check_packable, padded_rows)
 
@@ -437,14 +436,6 @@ def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     if counts is None or counts.numel() < tiles:
         counts = _COUNTERS[key] = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
     return counts
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """What the kernel variants a layer needs depend on: its parts' rows, K and whether it has a bias."""
-    rows: tuple[int, ...]
-    k: int
-    has_bias: bool
 
 
 def preparation_launches(layer: LayerShape, sms: int) -> list[Launch]:

@@ -199,43 +199,83 @@ def test_w4a16_backend_runs_a_fused_layer_with_parked_originals():
         assert rel(y, x.double() @ w.t() + bias.double()) < 1e-2, path
 
 
-def _variant(launch):
+def _variant(kernel, args, options):
     """What picks a compiled variant: the kernel, each tensor's dtype, shape, strides and 16-byte
     alignment, each int, the constexprs and options (ASM aside: no PTX on the interpreter)."""
     def arg(a):
         if isinstance(a, torch.Tensor):
             return (a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16 == 0)
         return a
-    return (launch.kernel, tuple(arg(a) for a in launch.args),
-            {k: v for k, v in launch.options.items() if k != "ASM"})
+    return repr((getattr(kernel, "fn", kernel).__name__, tuple(arg(a) for a in args),
+                 sorted((k, v) for k, v in options.items() if k != "ASM")))
 
 
-def test_compile_ahead_builds_the_launches_the_backend_makes(monkeypatch):
-    """compile_ahead builds its launches on meta tensors; they must be the ones the backend's real
-    calls make (else preparation would compile again). The real calls are recorded (the launch
-    builders are wrapped, the kernels still run) on a layer of two parts whose second starts at
-    an unaligned column (66 bf16: 132 bytes), at one row (small-M) and SELF_CHECK_ROWS (decode)."""
-    from comfyui_nvfp4.kernels.hopper import W4A16Backend
+def _record_launches(monkeypatch, kernels) -> list:
+    """Every launch of these kernels from now on, as _variant sees it (the kernels still run)."""
+    seen = []
+    for kernel in kernels:
+        def run(*args, grid, warmup, _run=kernel.run, _k=kernel, **kwargs):
+            seen.append(_variant(_k, args, kwargs))
+            return _run(*args, grid=grid, warmup=warmup, **kwargs)
+        monkeypatch.setattr(kernel, "run", run)
+    return seen
+
+
+def _two_part_layer(k, rows, bias):
     from comfyui_nvfp4.kernels.module import NVFP4LinearModule
-    from comfyui_nvfp4.kernels.preparation import SELF_CHECK_ROWS
     from comfyui_nvfp4.quant.layers import NVFP4Linear
+    m = NVFP4LinearModule(k, sum(rows), bias=bias is not None)
+    m.set_layer(NVFP4Linear([weight(r, k, seed=i) for i, r in enumerate(rows)], bias))
+    return m
+
+
+@pytest.mark.parametrize("backend_name", ["w4a16", "fp8"])
+def test_compile_ahead_builds_the_launches_the_backend_makes(monkeypatch, backend_name):
+    """compile_ahead builds its launches on meta tensors; they must be the variants the backend's
+    real calls launch (else preparation would compile again). The real launches are recorded (the
+    kernels still run) on a layer of two parts whose second starts at an unaligned row/column (66:
+    132 bytes of bf16), as the self-check runs it: untuned, at SELF_CHECK_ROWS rows and at one.
+    The CPU prepares with torch, so the preparation kernels (pack, conversion) are left out here;
+    tests/gpu checks that nothing at all compiles after compile_ahead."""
+    from comfyui_nvfp4.kernels import registry
+    from comfyui_nvfp4.kernels.preparation import SELF_CHECK_ROWS
+    from comfyui_nvfp4.kernels.triton_common import LayerShape
+    from comfyui_nvfp4.kernels.tuning import untuned
     k, rows = 256, (66, 134)
+    if backend_name == "w4a16":
+        kernels = [triton_w4a16._decode_kernel, triton_w4a16._small_m_kernel]
+        ahead_of = lambda shape: triton_w4a16.preparation_launches(shape, 1)  # noqa: E731
+    else:
+        kernels = [triton_fp8._act_quant_fp8_kernel, triton_fp8._small_m_kernel.fn]
+        ahead_of = lambda shape: triton_fp8.preparation_launches(shape, SELF_CHECK_ROWS)  # noqa: E731
+    backend = registry.get(backend_name)
     for bias in (torch.randn(sum(rows)).to(torch.bfloat16), None):
-        m = NVFP4LinearModule(k, sum(rows), bias=bias is not None)
-        m.set_layer(NVFP4Linear([weight(r, k, seed=i) for i, r in enumerate(rows)], bias))
-        backend = W4A16Backend()
+        m = _two_part_layer(k, rows, bias)
         m.set_prepared(backend.name, backend.prepare(m))
-        real = []
-        for name in ("_small_m_launch", "_decode_launch"):
-            builder = getattr(triton_w4a16, name)
-            monkeypatch.setattr(triton_w4a16, name, lambda *a, _b=builder, **kw: real.append(_b(*a, **kw)) or real[-1])
+        real = _record_launches(monkeypatch, kernels)
         x = torch.randn(SELF_CHECK_ROWS, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-        backend.run(m, x[:1])
-        backend.run(m, x)
+        with untuned():
+            backend.run(m, x[:1])
+            backend.run(m, x)
         monkeypatch.undo()
-        shape = triton_w4a16.LayerShape(rows, k, bias is not None)
-        assert shape == triton_w4a16.LayerShape(tuple(m.part_shape(i)[0] for i in range(2)), k, bias is not None)
-        ahead = [lc for lc in triton_w4a16.preparation_launches(shape, 1)
-                 if lc.kernel is not triton_w4a16._pack_kernel]  # the CPU packs with torch
-        assert len(real) == 4 and sorted(map(repr, map(_variant, real))) == sorted(map(repr, map(_variant, ahead)))
-        assert real[1].args[5].data_ptr() % 16 != 0  # the unaligned part was among them
+        shape = LayerShape(rows, k, bias is not None)
+        assert shape == LayerShape.of(m)
+        ahead = [_variant(lc.kernel, lc.args, lc.options) for lc in ahead_of(shape)
+                 if getattr(lc.kernel, "fn", lc.kernel) in {getattr(kk, "fn", kk) for kk in kernels}]
+        assert real and sorted(real) == sorted(ahead), (real, ahead)
+        if backend_name == "w4a16":
+            assert len(real) == 4 and "False" in "".join(real)  # the unaligned part was among them
+
+
+def test_fp8_layer_whose_n_is_no_multiple_of_16_runs_fp8_dq():
+    """torch._scaled_mm refuses N or K not multiples of 16 on CUDA (a RuntimeError, not cuBLASLt's
+    NOT_SUPPORTED): such a layer must run 'fp8-dq' above 16 rows, not fail preparation's check."""
+    from comfyui_nvfp4.kernels import registry
+    m = _two_part_layer(256, (66, 134), torch.randn(200).to(torch.bfloat16))
+    backend = registry.get("fp8")
+    m.set_prepared(backend.name, backend.prepare(m))
+    x = torch.randn(32, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y = backend.run(m, x)
+    assert m.last_path == "fp8-dq"
+    ref = x.double() @ m.canonical().dequantize(torch.float64).t() + m.bias.double()
+    assert rel(y, ref) < 0.04

@@ -304,15 +304,19 @@ def test_staged_transfers_are_exact_and_release_their_buffers():
     assert transfer._current.get() is None
 
 
-def test_w4a16_compile_ahead_leaves_preparation_nothing_to_compile():
+@pytest.mark.parametrize("backend", ["fp8", "w4a16"])
+def test_compile_ahead_leaves_preparation_nothing_to_compile(backend):
     """Preparation first compiles every kernel variant its layers need, in parallel threads, from
     launches built on meta tensors. Had one picked another variant than the real call (a dtype, an
     alignment, M == 1, a constexpr), preparation would compile it again: Triton's jit_cache_hook
     (called before each compile, never on a cache hit) must see only compile_ahead's warm-ups.
     The kernels' in-memory caches are emptied first, so earlier tests' compiles do not count."""
     from triton import knobs
-    from comfyui_nvfp4.kernels import triton_w4a16 as w
-    for kernel in (w._pack_kernel, w._decode_kernel, w._small_m_kernel):
+    from comfyui_nvfp4.kernels import triton_fp8, triton_w4a16
+    kernels = {"w4a16": (triton_w4a16._pack_kernel, triton_w4a16._decode_kernel, triton_w4a16._small_m_kernel),
+               "fp8": (triton_fp8._nvfp4_to_fp8_kernel, triton_fp8._act_quant_fp8_kernel,
+                       triton_fp8._small_m_kernel.fn)}[backend]
+    for kernel in kernels:
         kernel.device_caches.clear()
     seen = []
 
@@ -320,7 +324,7 @@ def test_w4a16_compile_ahead_leaves_preparation_nothing_to_compile():
         seen.append((fn.name, is_manual_warmup))
         return False  # compile as usual
 
-    b = registry.get("w4a16")
+    b = registry.get(backend)
     # parts of 66 and 134 rows: the second part's outputs start at an unaligned column
     mods = [module(200, 256, parts=2), module(200, 256, parts=2, bias=False), module(3072, 3072), module(9216, 3072)]
     old = knobs.runtime.jit_cache_hook
@@ -332,7 +336,10 @@ def test_w4a16_compile_ahead_leaves_preparation_nothing_to_compile():
         info = preparation.prepare_modules(mods, b, DEV, self_check=True)
     finally:
         knobs.runtime.jit_cache_hook = old
-    assert covered == 3 * 6 and info["prepared_layers"] == 4 and info["self_check_min_cosine"] > 0.99
+    # w4a16: pack, decode, small-M per part; fp8: a conversion per part, a GEMV per layer and an act
+    # quant per layer torch._scaled_mm takes (not N = 200: fp8-dq)
+    assert covered == (3 * 6 if backend == "w4a16" else 6 + 4 + 2)
+    assert info["prepared_layers"] == 4 and info["self_check_min_cosine"] > 0.99
     assert ahead and all(warm for _, warm in ahead)
-    assert {name for name, _ in ahead} >= {"_pack_kernel", "_decode_kernel", "_small_m_kernel"}
+    assert {name for name, _ in ahead} == {k.fn.__name__ for k in kernels}
     assert seen == [], f"preparation compiled {seen} after compile_ahead"
