@@ -205,8 +205,8 @@ def _to_fp8_launch(packed, block_scale, global_scale, q_out, scale_out) -> Launc
 def preparation_launches(layer: LayerShape, check_rows: int) -> list[Launch]:
     """The launches preparing a layer of this shape makes (the conversion per part) and its
     self-check (bf16: the activation quantization at `check_rows` rows before torch._scaled_mm,
-    where that takes the shape; the
-    small-M GEMV at one row, on the config the check runs untuned), on meta tensors."""
+    where that takes the shape; the small-M GEMV at one row, on the config the check runs
+    untuned), on meta tensors."""
     meta = dict(device="meta")
     n_total, k = sum(layer.rows), layer.k
     q = torch.empty((n_total, k), dtype=torch.float8_e4m3fn, **meta)
