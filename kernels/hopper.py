@@ -150,8 +150,9 @@ class FP8Backend(Backend):
             return 0  # preparation converts with torch there
         from . import triton_fp8
         from .preparation import SELF_CHECK_ROWS
-        from .triton_common import LayerShape
-        return triton_fp8.compile_ahead({LayerShape.of(m) for m in modules}, device, SELF_CHECK_ROWS)
+        from .triton_common import LayerShape, compile_ahead
+        return compile_ahead({LayerShape.of(m) for m in modules},
+                             lambda shape: triton_fp8.preparation_launches(shape, SELF_CHECK_ROWS), device)
 
     def run(self, module, x):
         from . import triton_fp8
@@ -259,8 +260,9 @@ class W4A16Backend(Backend):
         if device.type != "cuda":
             return 0  # the CPU interpreter compiles nothing
         from . import triton_w4a16
-        from .triton_common import LayerShape
-        return triton_w4a16.compile_ahead({LayerShape.of(m) for m in modules if m.in_features % SUPER == 0}, device)
+        from .triton_common import LayerShape, compile_ahead
+        return compile_ahead({LayerShape.of(m) for m in modules if m.in_features % SUPER == 0},
+                             lambda shape: triton_w4a16.preparation_launches(shape, device), device)
 
     def run(self, module, x):
         if module.in_features % SUPER:

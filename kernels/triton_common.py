@@ -7,6 +7,7 @@ the 2^14 into the e4m3 block scale (exact in fp32), so v * scale is the exact e2
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -117,16 +118,22 @@ def compile_all(launches, device: torch.device, workers: int | None = None) -> N
         return
     async_mode = getattr(triton, "AsyncCompileMode", None)  # Triton 3.4+
     with torch.cuda.device(device), ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvfp4-compile") as pool:
-        if async_mode is None or workers <= 1:
+        # in async mode each warm-up hands its compile to the pool; leaving the mode waits for all
+        with async_mode(pool) if async_mode is not None and workers > 1 else contextlib.nullcontext():
             kernels = [lc.kernel.warmup(*lc.args, grid=lc.grid, **lc.options) for lc in launches]
-        else:
-            with async_mode(pool):  # leaving it waits for every compile
-                kernels = [lc.kernel.warmup(*lc.args, grid=lc.grid, **lc.options) for lc in launches]
         compiled = {id(k): k for k in (getattr(k, "result", lambda: k)() for k in kernels) if k is not None}
         # A variant's first launch would otherwise build its C launcher (a compiler run the first
         # time on a machine) and load its module, one layer at a time: do it here, in parallel.
         # _init_handles is Triton's own lazy loader (3.x); without it the first launch loads.
         list(pool.map(lambda k: _load(k, device), compiled.values()))
+
+
+def compile_ahead(layers, launches_of, device: torch.device, workers: int | None = None) -> int:
+    """compile_all over the launches `launches_of(shape)` of each distinct LayerShape of `layers`
+    (a backend's preparation_launches); returns how many launches that was."""
+    launches = [lc for layer in set(layers) for lc in launches_of(layer)]
+    compile_all(launches, device, workers)
+    return len(launches)
 
 
 def _load(kernel, device: torch.device) -> None:

@@ -7,8 +7,8 @@ small_m_gemm: M <= 16 rows against FP8 weights with per-channel scales (the M=1 
 nvfp4_to_fp8: preparation. Per row: decode NVFP4, take amax, pick the best of SCALE_CANDIDATES
   (smallest squared rounding error), write e4m3 + the fp32 row scale. One launch per part; the
   same arithmetic as hopper.fp8_weight (the torch reference), in a fraction of the memory traffic.
-compile_ahead: the variants preparing a model's layers runs, compiled in parallel threads from
-  launches built on meta tensors by the same functions the calls use.
+preparation_launches: the variants preparing a model's layers runs, built on meta tensors by the
+  same functions the calls use, for triton_common.compile_ahead.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LayerShape, Launch, compile_all, configs_for, e4m3_scale, fp4_pair, fp8_codes,
+from .triton_common import (LayerShape, Launch, configs_for, e4m3_scale, fp4_pair, fp8_codes,
                             fp8_row_scale, launch, row_tile)
 
 SMALL_M_MAX = 16  # M up to this runs small_m_gemm
@@ -206,7 +206,7 @@ def preparation_launches(layer: LayerShape, check_rows: int) -> list[Launch]:
     """The launches preparing a layer of this shape makes (the conversion per part) and its
     self-check (bf16: the activation quantization at `check_rows` rows before torch._scaled_mm,
     where that takes the shape; the small-M GEMV at one row, on the config the check runs
-    untuned), on meta tensors."""
+    untuned), on meta tensors (for triton_common.compile_ahead)."""
     meta = dict(device="meta")
     n_total, k = sum(layer.rows), layer.k
     q = torch.empty((n_total, k), dtype=torch.float8_e4m3fn, **meta)
@@ -227,10 +227,3 @@ def preparation_launches(layer: LayerShape, check_rows: int) -> list[Launch]:
     launches.append(Launch(_small_m_kernel.fn, (triton.cdiv(n_total, config["BN"]),), args, {**keys, **config}))
     return launches
 
-
-def compile_ahead(layers, device: torch.device, check_rows: int, workers: int | None = None) -> int:
-    """Compile the variants preparing and self-checking these LayerShapes runs, several at once
-    (triton_common.compile_all). Returns how many launches it covered."""
-    launches = [lc for layer in set(layers) for lc in preparation_launches(layer, check_rows)]
-    compile_all(launches, device, workers)
-    return len(launches)

@@ -19,9 +19,9 @@ small-M (M <= SMALL_M_MAX: the modulation GEMMs at batch M, the time/guidance/ve
 decode: the layer's weight decoded to a transient bf16/fp16 [N, K] buffer in one pass (read
   0.56 B, write 2 B per weight), for cuBLAS to multiply at large M where the GEMM is
   compute-bound and a decoding GEMM loses (the in-kernel decode measured 0.27x bf16 at M=4096).
-compile_ahead: the variants preparing a model's layers runs (pack, decode, small-M at one row),
-  compiled in parallel threads from launches built on meta tensors by the same functions the
-  calls use (_pack_launch, _decode_launch, _small_m_launch), so they are the same variants.
+preparation_launches: the variants preparing a model's layers runs (pack, decode, small-M at one
+  row), built on meta tensors by the same functions the calls use (_pack_launch, _decode_launch,
+  _small_m_launch), so they are the same variants, for triton_common.compile_ahead.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LayerShape, Launch, compile_all
+from .triton_common import LayerShape, Launch
 from .w4a16_layout import (ROTATION, SCALE_BIAS, SCALE_EXP, SCALE_SHIFT, SUPER, TARGET_BIT, TILE_ROWS,
                            WEIGHT_FACTOR, check_packable, padded_rows)
 
@@ -235,7 +235,7 @@ def pack(packed: torch.Tensor, block_scale: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _pack_launch(packed: torch.Tensor, block_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Launch]:
-    """The outputs and the launch of pack (also built on meta tensors by compile_ahead)."""
+    """The outputs and the launch of pack (also built on meta tensors by preparation_launches)."""
     n, half_k = packed.shape
     k = half_k * 2
     rows = padded_rows(n)
@@ -382,7 +382,8 @@ def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count  # once per device, not per call
+    """SMs of a CUDA device (read once per device, not per call); 1 elsewhere (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale_w4a16: torch.Tensor, global_scale: torch.Tensor,
@@ -397,7 +398,7 @@ def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale_w4a16: tor
                          f"got M={m}, out {tuple(out.shape)}")
     _check(packed_w4a16, scale_w4a16, n, k, "small_m_gemm")
     if config is None or split is None:
-        picked, picked_split = choose(m, n, k, _sm_count(x2d.device) if x2d.is_cuda else 1)
+        picked, picked_split = choose(m, n, k, _sm_count(x2d.device))
         config = picked if config is None else config
         split = picked_split if split is None else split
     launch = _small_m_launch(x2d, packed_w4a16, scale_w4a16, global_scale, bias, out, config, split)
@@ -406,7 +407,7 @@ def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale_w4a16: tor
 
 
 def _small_m_launch(x2d, packed_w4a16, scale_w4a16, global_scale, bias, out, config: dict, split: int) -> Launch:
-    """The launch of one small_m_gemm call (compile_ahead builds it on meta tensors: the same
+    """The launch of one small_m_gemm call (preparation_launches builds it on meta tensors: the same
     argument types, values and alignments, so the same compiled variant)."""
     m, k = x2d.shape
     n = out.shape[1]
@@ -418,10 +419,11 @@ def _small_m_launch(x2d, packed_w4a16, scale_w4a16, global_scale, bias, out, con
                   else _arrival_counters(out.device, tiles))
     else:
         parts = counts = out  # unused
+    # ASM: inline PTX everywhere but on the CPU interpreter (meta tensors stand for the GPU)
     return Launch(_small_m_kernel, (tiles, split),
                   (x2d, _words(packed_w4a16), _words(scale_w4a16), global_scale.reshape(1).float(),
                    bias if bias is not None else x2d, out, parts, counts, m, n, k, x2d.stride(0), out.stride(0)),
-                  dict(HAS_BIAS=bias is not None, SPLIT=split, ASM=not x2d.is_cpu, **config))  # no PTX on the interpreter
+                  dict(HAS_BIAS=bias is not None, SPLIT=split, ASM=not x2d.is_cpu, **config))
 
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -438,10 +440,10 @@ def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return counts
 
 
-def preparation_launches(layer: LayerShape, sms: int) -> list[Launch]:
-    """The launches preparing a layer of this shape makes (pack per part) and its self-check
-    (bf16: at SELF_CHECK_ROWS rows decode per part, then cuBLAS; at one row small-M per part),
-    on meta tensors."""
+def preparation_launches(layer: LayerShape, device: torch.device) -> list[Launch]:
+    """The launches preparing a layer of this shape on `device` makes (pack per part) and its
+    self-check (bf16: at SELF_CHECK_ROWS rows decode per part, then cuBLAS; at one row small-M per
+    part), on meta tensors (for triton_common.compile_ahead)."""
     meta = dict(device="meta")
     n_total, k = sum(layer.rows), layer.k
     bias = torch.empty(n_total, dtype=torch.bfloat16, **meta) if layer.has_bias else None
@@ -453,18 +455,10 @@ def preparation_launches(layer: LayerShape, sms: int) -> list[Launch]:
     for n in layer.rows:
         codes, scales, pack_launch = _pack_launch(torch.empty((n, k // 2), dtype=torch.uint8, **meta),
                                                   torch.empty((n, k // 16), dtype=torch.float8_e4m3fn, **meta))
-        cfg, split = choose(1, n, k, sms)
+        cfg, split = choose(1, n, k, _sm_count(device))
         launches += [pack_launch, _decode_launch(codes, scales, gscale, weight[start:start + n]),
                      _small_m_launch(x, codes, scales, gscale, None if bias is None else bias[start:start + n],
                                      out[:, start:start + n], cfg, split)]
         start += n
     return launches
 
-
-def compile_ahead(layers, device: torch.device, workers: int | None = None) -> int:
-    """Compile the kernel variants that preparing and self-checking these LayerShapes runs, several
-    at once (triton_common.compile_all), before the first layer needs them: a machine's first
-    preparation otherwise compiles them one after another. Returns how many launches it covered."""
-    launches = [lc for layer in set(layers) for lc in preparation_launches(layer, _sm_count(device))]
-    compile_all(launches, device, workers)
-    return len(launches)

@@ -244,7 +244,7 @@ def test_compile_ahead_builds_the_launches_the_backend_makes(monkeypatch, backen
     k, rows = 256, (66, 134)
     if backend_name == "w4a16":
         kernels = [triton_w4a16._decode_kernel, triton_w4a16._small_m_kernel]
-        ahead_of = lambda shape: triton_w4a16.preparation_launches(shape, 1)  # noqa: E731
+        ahead_of = lambda shape: triton_w4a16.preparation_launches(shape, torch.device("cpu"))  # noqa: E731
     else:
         kernels = [triton_fp8._act_quant_fp8_kernel, triton_fp8._small_m_kernel.fn]
         ahead_of = lambda shape: triton_fp8.preparation_launches(shape, SELF_CHECK_ROWS)  # noqa: E731
