@@ -190,6 +190,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU kernel time by kind (attention/GEMM/...) per path")
     ap.add_argument("--graph", action="store_true", help="also time each path captured in one CUDA graph")
     ap.add_argument("--prep-only", action="store_true", help="only time the preparations (fp8 and --backends)")
+    ap.add_argument("--compile-at-load", action="store_true",
+                    help="start compiling the kernels when the model is built, as the loader node does when it "
+                         "reads a checkpoint (preparation.start_compiling), instead of at preparation")
     ap.add_argument("--backends", default=f"dequant,w4a16,fp8,{FUSED}",
                     help=f"Hopper: dequant,w4a16,fp8,{FUSED}; Blackwell: dequant,cudnn,cutlass,trtllm")
     a = ap.parse_args()
@@ -199,6 +202,9 @@ def main():
     dev = torch.device("cuda")
     q = build(comfy.ops, True, dev)
     modules = [m for m in q.modules() if isinstance(m, NVFP4LinearModule) and m.format == "nvfp4"]
+    if a.compile_at_load:
+        t_load = time.perf_counter()
+        started = preparation.start_compiling(modules, dev)
     nparams = sum(m.in_features * m.out_features for m in modules)
     # Preparation as the node does it (preparation.prepare_modules): from the CPU originals of an
     # offloaded model, converted on the GPU, self-checked there, stored back on the CPU.
@@ -214,10 +220,14 @@ def main():
             for when in ("first run, compiling kernels", "again, kernels compiled"):
                 for m in modules:
                     m.drop_prepared()
+                if a.compile_at_load and when.startswith("first"):
+                    print(f"kernels started compiling at the model's build (--compile-at-load): preparation "
+                          f"starts {time.perf_counter() - t_load:.2f} s later, {sum(x.launches for x in started)} "
+                          f"launches queued then", flush=True)
                 info = preparation.prepare_modules(modules, b, dev, self_check=True, workers=preparation.PREP_WORKERS)
                 print(f"{extra} preparation, {preparation.PREP_WORKERS} thread(s), self-check True: "
-                      f"{info['seconds']:.2f} s ({when}; of which compiling {info['compile_launches']} kernel "
-                      f"launches ahead: {info['compile_seconds']:.2f} s)", flush=True)
+                      f"{info['seconds']:.2f} s ({when}; compiling {info['compile_launches']} kernel "
+                      f"launches alongside: {info['compile_seconds']:.2f} s)", flush=True)
             for m in modules:
                 kept[m][extra] = {n[len(f"prep_{extra}_"):]: p.data for n, p in m.named_parameters()
                                   if n.startswith(f"prep_{extra}_")}
@@ -234,8 +244,8 @@ def main():
         if not when:
             prep[workers, check] = info["seconds"]
         print(f"fp8 preparation, {workers} thread(s), self-check {check}: {info['seconds']:.2f} s"
-              + (f" (first run, compiling kernels; of which compiling {info['compile_launches']} kernel launches "
-                 f"ahead: {info['compile_seconds']:.2f} s)" if when else ""), flush=True)
+              + (f" (first run; compiling {info['compile_launches']} kernel launches "
+                 f"alongside: {info['compile_seconds']:.2f} s)" if when else ""), flush=True)
     assert all(m.prep_fp8_w.device.type == "cpu" for m in modules)
     if a.prep_only:
         return

@@ -19,7 +19,7 @@ import logging
 import torch
 
 from .portable import bias_of, dequant_fp8
-from .registry import Backend, register
+from .registry import Backend, KernelsAhead, register
 from .transfer import to_device
 from .w4a16_layout import SUPER, w4a16_pack
 
@@ -145,14 +145,14 @@ class FP8Backend(Backend):
 
     def compile_ahead(self, modules, device):
         """The conversion, activation quantization and untuned one-row GEMV variants of every layer
-        shape (what preparation and its self-check run), compiled in parallel."""
+        shape (what preparation and its self-check run), compiled in the background."""
         if device.type != "cuda":
-            return 0  # preparation converts with torch there
+            return KernelsAhead()  # preparation converts with torch there
         from . import triton_fp8
+        from .compile_ahead import TritonKernelsAhead
         from .preparation import SELF_CHECK_ROWS
-        from .triton_common import LayerShape, compile_ahead
-        return compile_ahead({LayerShape.of(m) for m in modules},
-                             lambda shape: triton_fp8.preparation_launches(shape, SELF_CHECK_ROWS), device)
+        return TritonKernelsAhead(self.name, modules,
+                                  lambda shape: triton_fp8.preparation_launches(shape, SELF_CHECK_ROWS), device)
 
     def run(self, module, x):
         from . import triton_fp8
@@ -256,13 +256,13 @@ class W4A16Backend(Backend):
 
     def compile_ahead(self, modules, device):
         """The pack, decode and one-row small-M variants of every layer shape (the self-check runs
-        the last two; sampling runs them too), compiled in parallel."""
+        the last two; sampling runs them too), compiled in the background."""
         if device.type != "cuda":
-            return 0  # the CPU interpreter compiles nothing
+            return KernelsAhead()  # the CPU interpreter compiles nothing
         from . import triton_w4a16
-        from .triton_common import LayerShape, compile_ahead
-        return compile_ahead({LayerShape.of(m) for m in modules if m.in_features % SUPER == 0},
-                             lambda shape: triton_w4a16.preparation_launches(shape, device), device)
+        from .compile_ahead import TritonKernelsAhead
+        return TritonKernelsAhead(self.name, modules, lambda shape: triton_w4a16.preparation_launches(shape, device),
+                                  device, needs=lambda shape: shape.k % SUPER == 0)
 
     def run(self, module, x):
         if module.in_features % SUPER:

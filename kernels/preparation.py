@@ -102,6 +102,18 @@ def _prepare_one(m, backend, device, self_check: bool) -> tuple[float | None, fl
     return cos, spent
 
 
+def start_compiling(layers, device: torch.device, backends=None) -> list:
+    """Start compiling in the background the kernels that preparing `layers` (modules, or the
+    checkpoint layers the loader reads) on `device` will run, for each of `backends` (default:
+    those `auto` may pick there). The loader calls it as it reads each layer, so the compiles
+    overlap reading the checkpoint and preparation finds them done. Nothing waits here; returns
+    the backends' KernelsAhead."""
+    if backends is None:
+        from .autotune import auto_candidates
+        backends = auto_candidates(device)
+    return [b.compile_ahead(layers, device) for b in backends if b.prepares]
+
+
 _streams = threading.local()
 
 
@@ -122,11 +134,13 @@ def prepare_modules(modules, backend, device: torch.device, *, self_check: bool 
     """Prepare every NVFP4 module for its backend (once) and drop other backends' layouts.
 
     `backend` is a Backend, or a function module -> Backend (per-layer choices of `auto`).
-    Each backend first compiles the kernels its layers will run, several at once
-    (Backend.compile_ahead; info["compile_seconds"]). The first layer then runs alone (it
-    compiles whatever was not covered); the others run `workers` at a time, each thread on its own
+    Each backend starts compiling the kernels its layers will run, several at once in the
+    background (Backend.compile_ahead; info["compile_seconds"]: its wall time), and each layer
+    waits only for its own shape's kernels, taken in the order they were queued (the loader may
+    have started them: start_compiling). Layers run `workers` at a time, each thread on its own
     CUDA stream: the host<->device copies (most of the time for a model offloaded to the CPU) of
-    several layers then overlap."""
+    several layers then overlap. Where a backend's kernels are not all compiled ahead, its first
+    layer runs alone first and compiles them."""
     choose = backend if callable(backend) and not isinstance(backend, registry.Backend) else (lambda m: backend)
     self_check = self_check_enabled() if self_check is None else self_check
     info = {"prepared_layers": 0, "freed_bytes": 0, "seconds": 0.0, "self_check_seconds": 0.0,
@@ -157,25 +171,36 @@ def prepare_modules(modules, backend, device: torch.device, *, self_check: bool 
         progress(done, len(todo))
     if any(not b.parallel_prepare for _, b in jobs):
         workers = 1
-    t1 = time.perf_counter()
-    for b in {id(b): b for _, b in jobs}.values():  # each backend's kernels, all at once
-        info["compile_launches"] += b.compile_ahead([m for m, mb in jobs if mb is b], device)
-    info["compile_seconds"] = time.perf_counter() - t1
-    with transfer.staging():
-        _run_jobs(jobs, device, self_check, workers, finished)
+    # each backend's kernels start compiling in the background; a layer waits for its own
+    ahead = {b.name: b.compile_ahead([m for m, mb in jobs if mb is b], device)
+             for b in {id(b): b for _, b in jobs}.values()}
+    info["compile_launches"] = sum(a.launches for a in ahead.values())
+    jobs.sort(key=lambda j: ahead[j[1].name].order(j[0]))  # stable: model order within a shape
+    try:
+        with transfer.staging():
+            _run_jobs(jobs, device, self_check, workers, finished, ahead)
+    except BaseException:
+        for a in ahead.values():
+            a.close(cancel=True)
+        raise
+    info["compile_seconds"] = max((a.close() for a in ahead.values()), default=0.0)
     info["seconds"] = time.perf_counter() - t0
     return info
 
 
-def _run_jobs(jobs, device, self_check, workers, finished) -> None:
-    serial = jobs if workers <= 1 else jobs[:1]
+def _run_jobs(jobs, device, self_check, workers, finished, ahead) -> None:
+    def one(m, b):
+        ahead[b.name].wait(m)
+        return _prepare_one(m, b, device, self_check)
+
+    # a first layer alone compiles what nothing compiled ahead, once, before threads could race to
+    serial = jobs if workers <= 1 else [] if all(a.covers for a in ahead.values()) else jobs[:1]
     for j in serial:
-        finished(_prepare_one(*j, device, self_check))
+        finished(one(*j))
     if len(jobs) > len(serial):
         with ThreadPoolExecutor(workers) as pool:
             # each task sees the caller's context variables (active ops, overrides)
-            futures = [pool.submit(contextvars.copy_context().run, _in_own_stream,
-                                   lambda j=j: _prepare_one(*j, device, self_check), device)
+            futures = [pool.submit(contextvars.copy_context().run, _in_own_stream, lambda j=j: one(*j), device)
                        for j in jobs[len(serial):]]
             try:
                 for f in as_completed(futures):

@@ -6,7 +6,8 @@ A backend declares:
   capability(device)    (ok, reason) - never raises; reason says why not
   prepare(module)       tensors to register on the module before sampling (may be empty)
   run(module, x)        the layer's output for input x
-  compile_ahead(modules, device)  compile, before preparing them, the kernels that will run (optional)
+  compile_ahead(modules, device)  start compiling, in the background, the kernels preparing and
+                        running them needs; returns a KernelsAhead (optional)
 
 Backends register themselves on import; `kernels/__init__.py` imports all of them.
 """
@@ -21,6 +22,27 @@ AUTO = "auto"
 
 class BackendUnavailableError(RuntimeError):
     """The chosen backend cannot run on this device or install."""
+
+
+class KernelsAhead:
+    """Kernels a backend compiles in the background while preparation runs (Backend.compile_ahead).
+    This base has nothing to compile: every wait returns at once."""
+    launches = 0  # kernel launches this request queued (0: none, or all compiled before)
+    covers = False  # True: every JIT kernel preparation runs is among them
+
+    def wait(self, module) -> None:
+        """Block until every kernel preparing and running `module` needs is compiled and loaded;
+        raises the compile error of one that failed."""
+
+    def order(self, module) -> int:
+        """Where `module`'s kernels are in the compile queue: preparing layers in this order
+        waits least."""
+        return 0
+
+    def close(self, cancel: bool = False) -> float:
+        """Wait for the rest (cancel=True: drop what has not started, after an error); the wall
+        seconds compiling took."""
+        return 0.0
 
 
 class Backend:
@@ -43,11 +65,12 @@ class Backend:
     def run(self, module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def compile_ahead(self, modules, device: torch.device) -> int:
-        """Compile the JIT kernels that preparing and self-checking `modules` on `device` will
-        run, several at once, before the first layer needs them. Returns how many kernel launches
-        it covered (0: nothing to compile)."""
-        return 0
+    def compile_ahead(self, modules, device: torch.device) -> KernelsAhead:
+        """Start compiling the JIT kernels that preparing and self-checking `modules` (NVFP4 linear
+        modules, or the checkpoint layers the loader reads) on `device` will run, several at once
+        and in the background, the first modules' shapes first; preparation waits per layer
+        (KernelsAhead.wait) only for that layer's kernels."""
+        return KernelsAhead()
 
 
 _REGISTRY: dict[str, Backend] = {}

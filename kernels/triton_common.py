@@ -7,16 +7,13 @@ the 2^14 into the e4m3 block scale (exact in fp32), so v * scale is the exact e2
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
 import triton
 import triton.language as tl
 
+from ..quant.layers import NVFP4Linear
 from .tuning import tuning_allowed
 
 
@@ -82,7 +79,7 @@ def configs_for(kernel, **key) -> list[dict]:
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: what a call runs, and what compile_all compiles ahead of it."""
+    """One kernel launch: what a call runs, and what compile_ahead compiles ahead of it."""
     kernel: object  # a @triton.jit function
     grid: tuple
     args: tuple
@@ -97,47 +94,9 @@ class LayerShape:
     has_bias: bool
 
     @classmethod
-    def of(cls, module) -> "LayerShape":
-        return cls(tuple(module.part_shape(i)[0] for i in range(module.n_parts)), module.in_features,
-                   module.stored("bias") is not None)
-
-
-COMPILE_WORKERS = max(1, min(8, os.cpu_count() or 1))
-
-
-def compile_all(launches, device: torch.device, workers: int | None = None) -> None:
-    """Compile every launch's kernel variant for `device` without running it, `workers` at a time,
-    and load each into the GPU with its launcher. The launches may be built on meta tensors (their
-    dtypes, shapes, strides and pointer alignments pick the same variant as the real call).
-    Triton compiles each variant once (its disk cache makes a later process load it instead);
-    several at once overlap ptxas, the C compiler building the launchers and the passes that leave
-    the GIL."""
-    launches = list(launches)
-    workers = COMPILE_WORKERS if workers is None else workers
-    if not launches:
-        return
-    async_mode = getattr(triton, "AsyncCompileMode", None)  # Triton 3.4+
-    with torch.cuda.device(device), ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvfp4-compile") as pool:
-        # in async mode each warm-up hands its compile to the pool; leaving the mode waits for all
-        with async_mode(pool) if async_mode is not None and workers > 1 else contextlib.nullcontext():
-            kernels = [lc.kernel.warmup(*lc.args, grid=lc.grid, **lc.options) for lc in launches]
-        compiled = {id(k): k for k in (getattr(k, "result", lambda: k)() for k in kernels) if k is not None}
-        # A variant's first launch would otherwise build its C launcher (a compiler run the first
-        # time on a machine) and load its module, one layer at a time: do it here, in parallel.
-        # _init_handles is Triton's own lazy loader (3.x); without it the first launch loads.
-        list(pool.map(lambda k: _load(k, device), compiled.values()))
-
-
-def compile_ahead(layers, launches_of, device: torch.device, workers: int | None = None) -> int:
-    """compile_all over the launches `launches_of(shape)` of each distinct LayerShape of `layers`
-    (a backend's preparation_launches); returns how many launches that was."""
-    launches = [lc for layer in set(layers) for lc in launches_of(layer)]
-    compile_all(launches, device, workers)
-    return len(launches)
-
-
-def _load(kernel, device: torch.device) -> None:
-    init = getattr(kernel, "_init_handles", None)
-    if init is not None:
-        with torch.cuda.device(device):
-            init()
+    def of(cls, layer) -> "LayerShape":
+        """Of an NVFP4LinearModule, or of a checkpoint's NVFP4Linear as the loader reads it."""
+        if isinstance(layer, NVFP4Linear):
+            return cls(tuple(p.shape[0] for p in layer.parts), layer.parts[0].shape[1], layer.bias is not None)
+        return cls(tuple(layer.part_shape(i)[0] for i in range(layer.n_parts)), layer.in_features,
+                   layer.stored("bias") is not None)

@@ -58,7 +58,7 @@ def prepare(patcher, modules, backend_for, device) -> dict:
     bar = comfy.utils.ProgressBar(1)
     info = preparation.prepare_modules(modules, backend_for, device,
                                        progress=lambda i, n: bar.update_absolute(i, n))
-    log.info("NVFP4: prepared %d layers in %.2f s (kernels compiled ahead %.2f s, self-check %.2f s, min cosine %s), "
+    log.info("NVFP4: prepared %d layers in %.2f s (kernels compiled alongside in %.2f s, self-check %.2f s, min cosine %s), "
              "freed %d bytes", info["prepared_layers"], info["seconds"], info["compile_seconds"],
              info["self_check_seconds"], info["self_check_min_cosine"], info["freed_bytes"])
     return info
@@ -108,7 +108,7 @@ def apply_backend(patcher, choice: str, node_id: str | None = None, fuse_blocks:
         text += "\n" + fusion
     if info["prepared_layers"]:
         cos = info["self_check_min_cosine"]
-        compiled = f", kernels compiled ahead {info['compile_seconds']:.2f} s" if info["compile_launches"] else ""
+        compiled = f" (kernels compiled alongside in {info['compile_seconds']:.2f} s)" if info["compile_launches"] else ""
         text += (f"\nprepared {info['prepared_layers']} layers in {info['seconds']:.2f} s{compiled}"
                  + (f" (self-check {info['self_check_seconds']:.2f} s, worst cosine {cos:.4f})" if cos is not None
                     else " (self-check off)"))

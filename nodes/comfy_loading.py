@@ -11,12 +11,15 @@ import logging
 
 import torch
 
+import comfy.model_management
 import comfy.ops
 import comfy.sd
 import comfy.utils
 
+from ..kernels import autotune, preparation
 from ..kernels.module import NVFP4LinearModule
 from ..quant import Checkpoint
+from ..quant.layers import NVFP4Linear
 
 log = logging.getLogger("comfyui_nvfp4")
 
@@ -60,6 +63,32 @@ def comfy_state_dict(ck: Checkpoint, layers: dict) -> dict:
     return sd
 
 
+def _compile_while_loading():
+    """-> what the loader calls with each layer it reads: start compiling in the background the
+    GEMM kernels that the backends `auto` may pick on ComfyUI's device will run for each new
+    layer shape (preparation.start_compiling; nothing on the CPU or where FlashInfer compiles its
+    own), so the Backend node finds them ready (on a machine whose Triton cache is empty that is
+    2-3 s; 0.5 s from the cache). It never fails the load: an error is logged once, and
+    preparation then compiles, and reports, for itself."""
+    try:
+        device = comfy.model_management.get_torch_device()
+        backends = autotune.auto_candidates(device)
+    except Exception as e:  # noqa: BLE001 - an early start is an optimisation only
+        log.warning("NVFP4: not compiling kernels while loading: %s", e)
+        backends = []
+    failed = []
+
+    def start(layer):
+        if backends and not failed and isinstance(layer, NVFP4Linear):
+            try:
+                preparation.start_compiling([layer], device, backends)
+            except Exception as e:  # noqa: BLE001
+                failed.append(e)
+                log.warning("NVFP4: could not start compiling kernels while loading (%s); preparation will "
+                            "compile them", e)
+    return start
+
+
 def load_nvfp4_model(path, compute_dtype: str = "auto", progress=None):
     """ModelPatcher for the checkpoint at `path`. `progress(done, total)` is called per layer."""
     ck = Checkpoint(path)
@@ -68,8 +97,10 @@ def load_nvfp4_model(path, compute_dtype: str = "auto", progress=None):
                              f"ComfyUI's Load Diffusion Model node, or quantize it with `nvfp4 quantize`")
     layers = {}
     total = len(ck.layers)
+    compile_early = _compile_while_loading()
     for i, name in enumerate(ck.layers):
         layers[name] = ck.load_linear(name)
+        compile_early(layers[name])
         if progress:
             progress(i + 1, total)
     sd = comfy_state_dict(ck, layers)

@@ -4,7 +4,7 @@ cannot run)."""
 import pytest
 import torch
 
-from comfyui_nvfp4.kernels import preparation, registry
+from comfyui_nvfp4.kernels import compile_ahead, preparation, registry
 from comfyui_nvfp4.kernels.module import NVFP4LinearModule
 from comfyui_nvfp4.kernels.portable import EMULATE
 from comfyui_nvfp4.quant import nvfp4
@@ -306,11 +306,13 @@ def test_staged_transfers_are_exact_and_release_their_buffers():
 
 @pytest.mark.parametrize("backend", ["fp8", "w4a16"])
 def test_compile_ahead_leaves_preparation_nothing_to_compile(backend):
-    """Preparation first compiles every kernel variant its layers need, in parallel threads, from
-    launches built on meta tensors. Had one picked another variant than the real call (a dtype, an
-    alignment, M == 1, a constexpr), preparation would compile it again: Triton's jit_cache_hook
-    (called before each compile, never on a cache hit) must see only compile_ahead's warm-ups.
-    The kernels' in-memory caches are emptied first, so earlier tests' compiles do not count."""
+    """Preparation compiles every kernel variant its layers need in background threads, from
+    launches built on meta tensors, while it prepares the layers whose kernels are ready. Had a
+    launch picked another variant than the real call (a dtype, an alignment, M == 1, a constexpr),
+    or had a layer not waited for its shape's kernels, a preparing thread would compile one itself:
+    Triton's jit_cache_hook (called before each compile, never on a cache hit) must see only
+    compile_ahead's warm-ups. The kernels' in-memory caches are emptied first, so earlier tests'
+    compiles do not count."""
     from triton import knobs
     from comfyui_nvfp4.kernels import triton_fp8, triton_w4a16
     kernels = {"w4a16": (triton_w4a16._pack_kernel, triton_w4a16._decode_kernel, triton_w4a16._small_m_kernel),
@@ -318,6 +320,7 @@ def test_compile_ahead_leaves_preparation_nothing_to_compile(backend):
                        triton_fp8._small_m_kernel.fn)}[backend]
     for kernel in kernels:
         kernel.device_caches.clear()
+    compile_ahead.forget()
     seen = []
 
     def hook(*, fn, is_manual_warmup, **_):
@@ -326,20 +329,50 @@ def test_compile_ahead_leaves_preparation_nothing_to_compile(backend):
 
     b = registry.get(backend)
     # parts of 66 and 134 rows: the second part's outputs start at an unaligned column
-    mods = [module(200, 256, parts=2), module(200, 256, parts=2, bias=False), module(3072, 3072), module(9216, 3072)]
+    mods = [module(200, 256, parts=2), module(200, 256, parts=2, bias=False), module(3072, 3072), module(9216, 3072),
+            module(3072, 3072, bias=False)]
     old = knobs.runtime.jit_cache_hook
     knobs.runtime.jit_cache_hook = hook
     try:
-        covered = b.compile_ahead(mods, DEV)
-        ahead = list(seen)
-        seen.clear()
         info = preparation.prepare_modules(mods, b, DEV, self_check=True)
     finally:
         knobs.runtime.jit_cache_hook = old
     # w4a16: pack, decode, small-M per part; fp8: a conversion per part, a GEMV per layer and an act
     # quant per layer torch._scaled_mm takes (not N = 200: fp8-dq)
-    assert covered == (3 * 6 if backend == "w4a16" else 6 + 4 + 2)
-    assert info["prepared_layers"] == 4 and info["self_check_min_cosine"] > 0.99
-    assert ahead and all(warm for _, warm in ahead)
-    assert {name for name, _ in ahead} == {k.fn.__name__ for k in kernels}
-    assert seen == [], f"preparation compiled {seen} after compile_ahead"
+    shapes = 5
+    assert info["compile_launches"] == (3 * (shapes + 2) if backend == "w4a16" else (shapes + 2) + shapes + 3)
+    assert info["prepared_layers"] == 5 and info["self_check_min_cosine"] > 0.99
+    assert info["compile_seconds"] > 0
+    assert seen and {name for name, _ in seen} == {k.fn.__name__ for k in kernels}
+    assert all(warm for _, warm in seen), f"a preparing thread compiled a kernel itself: {seen}"
+
+
+def test_kernels_compiled_while_loading_leave_preparation_nothing_to_compile():
+    """The loader starts compiling for each checkpoint layer it reads (start_compiling, every
+    backend auto may pick); preparing the modules built from those layers, with either backend,
+    then compiles nothing and queues nothing."""
+    from triton import knobs
+    from comfyui_nvfp4.kernels import triton_fp8, triton_w4a16
+    for kernel in (triton_w4a16._pack_kernel, triton_w4a16._decode_kernel, triton_w4a16._small_m_kernel,
+                   triton_fp8._nvfp4_to_fp8_kernel, triton_fp8._act_quant_fp8_kernel, triton_fp8._small_m_kernel.fn):
+        kernel.device_caches.clear()
+    compile_ahead.forget()
+    mods = [module(9216, 3072), module(3072, 3072, bias=False), module(200, 256, parts=2), module(9216, 3072)]
+    layers = [m.canonical() for m in mods]  # what the loader read
+    started = []
+    for layer in layers:
+        started += preparation.start_compiling([layer], DEV)
+    assert {type(a).__name__ for a in started} == {"TritonKernelsAhead"}
+    for a in started:
+        a.close()
+    seen = []
+    old = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = lambda *, fn, **_: seen.append(fn.name) or False
+    try:
+        for name in ("w4a16", "fp8"):
+            info = preparation.prepare_modules(mods, registry.get(name), DEV, self_check=True)
+            assert info["prepared_layers"] == 4 and info["self_check_min_cosine"] > 0.99
+            assert info["compile_launches"] == 0 and info["compile_seconds"] == 0, info
+    finally:
+        knobs.runtime.jit_cache_hook = old
+    assert seen == [], f"preparation compiled {seen} after the loader's early start"
