@@ -177,7 +177,9 @@ def prepare_modules(modules, backend, device: torch.device, *, self_check: bool 
     info["compile_launches"] = sum(a.launches for a in ahead.values())
     jobs.sort(key=lambda j: ahead[j[1].name].order(j[0]))  # stable: model order within a shape
     try:
-        with transfer.staging():
+        # the largest copy: a layer's whole weight at one byte per element (fp8's layout; NVFP4
+        # codes and w4a16's are half that)
+        with transfer.staging(max((m.in_features * m.out_features for m, _ in jobs), default=0)):
             _run_jobs(jobs, device, self_check, workers, finished, ahead)
     except BaseException:
         for a in ahead.values():
