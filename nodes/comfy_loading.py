@@ -63,30 +63,36 @@ def comfy_state_dict(ck: Checkpoint, layers: dict) -> dict:
     return sd
 
 
-def _compile_while_loading():
-    """-> what the loader calls with each layer it reads: start compiling in the background the
-    GEMM kernels that the backends `auto` may pick on ComfyUI's device will run for each new
-    layer shape (preparation.start_compiling; nothing on the CPU or where FlashInfer compiles its
-    own), so the Backend node finds them ready (on a machine whose Triton cache is empty that is
-    2-3 s; 0.5 s from the cache). It never fails the load: an error is logged once, and
-    preparation then compiles, and reports, for itself."""
-    try:
-        device = comfy.model_management.get_torch_device()
-        backends = autotune.auto_candidates(device)
-    except Exception as e:  # noqa: BLE001 - an early start is an optimisation only
-        log.warning("NVFP4: not compiling kernels while loading: %s", e)
-        backends = []
-    failed = []
+class _CompileWhileLoading:
+    """Called with each layer the loader reads: starts compiling in the background the GEMM
+    kernels that the backends `auto` may pick on ComfyUI's device will run for each new layer
+    shape (preparation.start_compiling; nothing on the CPU or where FlashInfer compiles its own),
+    so the Backend node finds them ready (on a machine whose Triton cache is empty that is 2-3 s;
+    0.5 s from the cache). It never fails the load: an error is logged once, and preparation then
+    compiles, and reports, for itself."""
 
-    def start(layer):
-        if backends and not failed and isinstance(layer, NVFP4Linear):
+    def __init__(self):
+        self.backends, self.launches, self.failed = [], 0, None
+        try:
+            self.device = comfy.model_management.get_torch_device()
+            self.backends = [b for b in autotune.auto_candidates(self.device) if b.prepares]
+        except Exception as e:  # noqa: BLE001 - an early start is an optimisation only
+            log.warning("NVFP4: not compiling kernels while loading: %s", e)
+
+    def __call__(self, layer) -> None:
+        if self.backends and self.failed is None and isinstance(layer, NVFP4Linear):
             try:
-                preparation.start_compiling([layer], device, backends)
+                self.launches += sum(a.launches for a in preparation.start_compiling([layer], self.device,
+                                                                                      self.backends))
             except Exception as e:  # noqa: BLE001
-                failed.append(e)
+                self.failed = e
                 log.warning("NVFP4: could not start compiling kernels while loading (%s); preparation will "
                             "compile them", e)
-    return start
+
+    def report(self) -> None:
+        if self.launches:
+            log.info("NVFP4: compiling %d kernel launches in the background for %s", self.launches,
+                     ", ".join(b.name for b in self.backends))
 
 
 def load_nvfp4_model(path, compute_dtype: str = "auto", progress=None):
@@ -97,12 +103,13 @@ def load_nvfp4_model(path, compute_dtype: str = "auto", progress=None):
                              f"ComfyUI's Load Diffusion Model node, or quantize it with `nvfp4 quantize`")
     layers = {}
     total = len(ck.layers)
-    compile_early = _compile_while_loading()
+    compile_early = _CompileWhileLoading()
     for i, name in enumerate(ck.layers):
         layers[name] = ck.load_linear(name)
         compile_early(layers[name])
         if progress:
             progress(i + 1, total)
+    compile_early.report()
     sd = comfy_state_dict(ck, layers)
     expected = set(layers)
     options = {"custom_operations": make_operations(layers)}
