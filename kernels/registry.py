@@ -40,8 +40,8 @@ class KernelsAhead:
         return 0
 
     def close(self, cancel: bool = False) -> float:
-        """Wait for the rest (cancel=True: drop what has not started, after an error); the wall
-        seconds compiling took."""
+        """Wait for the rest and return the wall seconds compiling took from this request on
+        (cancel=True, after an error: return at once, leaving what runs to finish unwatched)."""
         return 0.0
 
 
