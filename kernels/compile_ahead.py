@@ -47,7 +47,7 @@ class _Compiler:
         """({shape: future of its kernels being ready}, launches newly queued) for these shapes,
         queuing those not yet asked for, in order."""
         with self._lock:
-            keys = {s: (backend, device, s) for s in shapes}
+            keys = {s: _key(backend, device, s) for s in shapes}
             new = [s for s in shapes if keys[s] not in self._ready]
             per_shape = {s: launches_of(s) for s in new}
             if new:
@@ -124,7 +124,7 @@ class TritonKernelsAhead(KernelsAhead):
         self._needs = needs
         shapes = list(dict.fromkeys(s for s in map(self._shape, layers) if s is not None))
         self._rank = {s: i for i, s in enumerate(shapes)}
-        self._keys = [(backend, device, s) for s in shapes]
+        self._keys = [_key(backend, device, s) for s in shapes]
         self._ready, self.launches = _COMPILER.start(backend, shapes, launches_of, device)
 
     def _shape(self, layer):
@@ -147,6 +147,13 @@ class TritonKernelsAhead(KernelsAhead):
         for ready in self._ready.values():
             ready.result()
         return max([_COMPILER.done_at.get(k, self._start) - self._start for k in self._keys] + [0.0])
+
+
+def _key(backend: str, device: torch.device, shape) -> tuple:
+    """What a request is remembered by: "cuda" and "cuda:<current>" are one device."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return backend, device, shape
 
 
 def _on(device: torch.device):

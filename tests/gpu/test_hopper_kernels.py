@@ -369,8 +369,9 @@ def test_kernels_compiled_while_loading_leave_preparation_nothing_to_compile():
     old = knobs.runtime.jit_cache_hook
     knobs.runtime.jit_cache_hook = lambda *, fn, **_: seen.append(fn.name) or False
     try:
-        for name in ("w4a16", "fp8"):
-            info = preparation.prepare_modules(mods, registry.get(name), DEV, self_check=True)
+        for name in ("w4a16", "fp8"):  # the node's device names the index: the same device as DEV
+            info = preparation.prepare_modules(mods, registry.get(name), torch.device("cuda", torch.cuda.current_device()),
+                                               self_check=True)
             assert info["prepared_layers"] == 4 and info["self_check_min_cosine"] > 0.99
             assert info["compile_launches"] == 0 and info["compile_seconds"] == 0, info
     finally:
