@@ -16,7 +16,7 @@ import comfy.ops
 import comfy.sd
 import comfy.utils
 
-from ..kernels import autotune, preparation
+from ..kernels import autotune, env_override, preparation, registry
 from ..kernels.module import NVFP4LinearModule
 from ..quant import Checkpoint
 from ..quant.layers import NVFP4Linear
@@ -65,8 +65,8 @@ def comfy_state_dict(ck: Checkpoint, layers: dict) -> dict:
 
 class _CompileWhileLoading:
     """Called with each layer the loader reads: starts compiling in the background the GEMM
-    kernels that the backends `auto` may pick on ComfyUI's device will run for each new layer
-    shape (preparation.start_compiling; nothing on the CPU or where FlashInfer compiles its own),
+    kernels that the backends `auto` may pick on ComfyUI's device (only the one NVFP4_GEMM_BACKEND
+    forces, where it is set) will run for each new layer shape (preparation.start_compiling; nothing on the CPU or where FlashInfer compiles its own),
     so the Backend node finds them ready (on a machine whose Triton cache is empty that is 2-3 s;
     0.5 s from the cache). It never fails the load: an error is logged once, and preparation then
     compiles, and reports, for itself."""
@@ -75,7 +75,11 @@ class _CompileWhileLoading:
         self.backends, self.launches, self.failed = [], 0, None
         try:
             self.device = comfy.model_management.get_torch_device()
-            self.backends = [b for b in autotune.auto_candidates(self.device) if b.prepares]
+            candidates = autotune.auto_candidates(self.device)
+            forced = env_override.read(registry.names())
+            if forced not in (None, registry.AUTO):  # the only backend any Backend node will run
+                candidates = [b for b in candidates if b.name == forced]
+            self.backends = [b for b in candidates if b.prepares]
         except Exception as e:  # noqa: BLE001 - an early start is an optimisation only
             log.warning("NVFP4: not compiling kernels while loading: %s", e)
 

@@ -60,3 +60,19 @@ def test_a_failing_early_start_never_fails_the_load(comfy, tmp_path, monkeypatch
         patcher = load_nvfp4_model(_checkpoint(tmp_path), "bf16")
     assert patcher is not None
     assert caplog.text.count("could not start compiling kernels while loading (no compiler here)") == 1
+
+
+class _AsW4A16(_CompilingCopy):
+    name = "w4a16"
+
+
+def test_a_forced_backend_is_the_only_one_compiled(comfy, tmp_path, monkeypatch):
+    from comfyui_nvfp4.kernels import autotune, compile_ahead, env_override
+    from comfyui_nvfp4.nodes.comfy_loading import load_nvfp4_model
+    compile_ahead.forget()
+    forced, other = _AsW4A16(), _CompilingCopy()
+    monkeypatch.setattr(autotune, "auto_candidates", lambda device, dtype=None: [other, forced])
+    monkeypatch.setenv(env_override.ENV_VAR, "W4A16")
+    load_nvfp4_model(_checkpoint(tmp_path), "bf16")
+    assert any(what == "compile" for what, _ in forced.log) and other.log == []
+    compile_ahead.forget()
