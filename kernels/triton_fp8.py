@@ -8,7 +8,7 @@ nvfp4_to_fp8: preparation. Per row: decode NVFP4, take amax, pick the best of SC
   (smallest squared rounding error), write e4m3 + the fp32 row scale. One launch per part; the
   same arithmetic as hopper.fp8_weight (the torch reference), in a fraction of the memory traffic.
 preparation_launches: the variants preparing a model's layers runs, built on meta tensors by the
-  same functions the calls use, for triton_common.compile_ahead.
+  same functions the calls use, for compile_ahead.TritonKernelsAhead.
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def preparation_launches(layer: LayerShape, check_rows: int) -> list[Launch]:
     """The launches preparing a layer of this shape makes (the conversion per part) and its
     self-check (bf16: the activation quantization at `check_rows` rows before torch._scaled_mm,
     where that takes the shape; the small-M GEMV at one row, on the config the check runs
-    untuned), on meta tensors (for triton_common.compile_ahead)."""
+    untuned), on meta tensors (for compile_ahead.TritonKernelsAhead)."""
     meta = dict(device="meta")
     n_total, k = sum(layer.rows), layer.k
     q = torch.empty((n_total, k), dtype=torch.float8_e4m3fn, **meta)

@@ -21,7 +21,7 @@ decode: the layer's weight decoded to a transient bf16/fp16 [N, K] buffer in one
   compute-bound and a decoding GEMM loses (the in-kernel decode measured 0.27x bf16 at M=4096).
 preparation_launches: the variants preparing a model's layers runs (pack, decode, small-M at one
   row), built on meta tensors by the same functions the calls use (_pack_launch, _decode_launch,
-  _small_m_launch), so they are the same variants, for triton_common.compile_ahead.
+  _small_m_launch), so they are the same variants, for compile_ahead.TritonKernelsAhead.
 """
 from __future__ import annotations
 
@@ -443,7 +443,7 @@ def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
 def preparation_launches(layer: LayerShape, device: torch.device) -> list[Launch]:
     """The launches preparing a layer of this shape on `device` makes (pack per part) and its
     self-check (bf16: at SELF_CHECK_ROWS rows decode per part, then cuBLAS; at one row small-M per
-    part), on meta tensors (for triton_common.compile_ahead)."""
+    part), on meta tensors (for compile_ahead.TritonKernelsAhead)."""
     meta = dict(device="meta")
     n_total, k = sum(layer.rows), layer.k
     bias = torch.empty(n_total, dtype=torch.bfloat16, **meta) if layer.has_bias else None

@@ -66,10 +66,10 @@ def comfy_state_dict(ck: Checkpoint, layers: dict) -> dict:
 class _CompileWhileLoading:
     """Called with each layer the loader reads: starts compiling in the background the GEMM
     kernels that the backends `auto` may pick on ComfyUI's device (only the one NVFP4_GEMM_BACKEND
-    forces, where it is set) will run for each new layer shape (preparation.start_compiling; nothing on the CPU or where FlashInfer compiles its own),
-    so the Backend node finds them ready (on a machine whose Triton cache is empty that is 2-3 s;
-    0.5 s from the cache). It never fails the load: an error is logged once, and preparation then
-    compiles, and reports, for itself."""
+    forces, where it is set) will run for each new layer shape (preparation.start_compiling;
+    nothing on the CPU or where FlashInfer compiles its own), so the Backend node finds them ready
+    (on a machine whose Triton cache is empty that is 2-3 s; 0.5 s from the cache). It never fails
+    the load: an error is logged once, and preparation then compiles, and reports, for itself."""
 
     def __init__(self):
         self.backends, self.launches, self.failed = [], 0, None
