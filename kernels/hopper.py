@@ -44,9 +44,9 @@ def _gemm_key(m: int, w: torch.Tensor) -> tuple[int, int, int]:
     return max(m, SCALED_MM_MIN_M), w.shape[0], w.shape[1]
 
 
-def _rejected(m: int, w: torch.Tensor) -> bool:
-    """Whether torch._scaled_mm cannot take M rows against w (remembered per shape, logged once)."""
-    key = _gemm_key(m, w)
+def _rejected(key: tuple[int, int, int], w: torch.Tensor) -> bool:
+    """Whether torch._scaled_mm cannot take the GEMM of `key` (_gemm_key of M rows against w;
+    remembered per shape, logged once)."""
     if key in _SCALED_MM_REJECTED:
         return True
     if not scaled_mm_shape_ok(*w.shape):
@@ -179,7 +179,7 @@ class FP8Backend(Backend):
     def _scaled_mm(self, x2, w, ws, b, out_dtype):
         """Per-token FP8 activations x FP8 weights on cuBLASLt; None where cuBLASLt rejects the shape."""
         from .triton_fp8 import act_quant_fp8
-        if _rejected(x2.shape[0], w):  # skip quantizing for nothing
+        if _rejected(_gemm_key(x2.shape[0], w), w):  # skip quantizing for nothing
             return None
         q, xs = act_quant_fp8(x2)
         return self.gemm_quantized(q, xs, w, ws, b, out_dtype)
@@ -189,9 +189,9 @@ class FP8Backend(Backend):
         None where cuBLASLt rejects the shape (logged once per shape)."""
         m = q.shape[0]
         key = _gemm_key(m, w)
-        mp = key[0]
-        if _rejected(m, w):
+        if _rejected(key, w):
             return None
+        mp = key[0]
         if m < mp:
             q = torch.cat([q, q.new_zeros(mp - m, q.shape[1])])
             xs = torch.cat([xs, xs.new_ones(mp - m, 1)])
