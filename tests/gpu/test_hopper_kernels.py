@@ -1,6 +1,8 @@
 """fp8 and w4a16 kernels on a real GPU: fresh random inputs, poisoned outputs, odd shapes, M = 1,
 every autotuner config run by hand (tensor-core configs included, which the CPU interpreter
 cannot run)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -304,39 +306,56 @@ def test_staged_transfers_are_exact_and_release_their_buffers():
     assert transfer._current.get() is None
 
 
-@pytest.mark.parametrize("backend", ["fp8", "w4a16"])
-def test_compile_ahead_leaves_preparation_nothing_to_compile(backend):
-    """Preparation compiles every kernel variant its layers need in background threads, from
-    launches built on meta tensors, while it prepares the layers whose kernels are ready. Had a
-    launch picked another variant than the real call (a dtype, an alignment, M == 1, a constexpr),
-    or had a layer not waited for its shape's kernels, a preparing thread would compile one itself:
-    Triton's jit_cache_hook (called before each compile, never on a cache hit) must see only
-    compile_ahead's warm-ups. The kernels' in-memory caches are emptied first, so earlier tests'
-    compiles do not count."""
-    from triton import knobs
+def _triton_kernels(*backends):
+    """The Triton kernels preparing a layer for each backend runs."""
     from comfyui_nvfp4.kernels import triton_fp8, triton_w4a16
-    kernels = {"w4a16": (triton_w4a16._pack_kernel, triton_w4a16._decode_kernel, triton_w4a16._small_m_kernel),
-               "fp8": (triton_fp8._nvfp4_to_fp8_kernel, triton_fp8._act_quant_fp8_kernel,
-                       triton_fp8._small_m_kernel.fn)}[backend]
+    table = {"w4a16": (triton_w4a16._pack_kernel, triton_w4a16._decode_kernel, triton_w4a16._small_m_kernel),
+             "fp8": (triton_fp8._nvfp4_to_fp8_kernel, triton_fp8._act_quant_fp8_kernel, triton_fp8._small_m_kernel.fn)}
+    return tuple(kernel for backend in backends for kernel in table[backend])
+
+
+def _forget_compiled(kernels):
+    """Empty the kernels' in-memory caches and compile_ahead's record of what it compiled, so
+    earlier tests' compiles do not count."""
     for kernel in kernels:
         kernel.device_caches.clear()
     compile_ahead.forget()
+
+
+@contextlib.contextmanager
+def _compiles_recorded():
+    """Every compile Triton starts in the block, as (kernel name, is_manual_warmup): its
+    jit_cache_hook is called before each compile (from any thread), never on a cache hit."""
+    from triton import knobs
     seen = []
 
     def hook(*, fn, is_manual_warmup, **_):
         seen.append((fn.name, is_manual_warmup))
         return False  # compile as usual
 
+    old = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        yield seen
+    finally:
+        knobs.runtime.jit_cache_hook = old
+
+
+@pytest.mark.parametrize("backend", ["fp8", "w4a16"])
+def test_compile_ahead_leaves_preparation_nothing_to_compile(backend):
+    """Preparation compiles every kernel variant its layers need in background threads, from
+    launches built on meta tensors, while it prepares the layers whose kernels are ready. Had a
+    launch picked another variant than the real call (a dtype, an alignment, M == 1, a constexpr),
+    or had a layer not waited for its shape's kernels, a preparing thread would compile one itself:
+    Triton must start only compile_ahead's warm-ups."""
+    kernels = _triton_kernels(backend)
+    _forget_compiled(kernels)
     b = registry.get(backend)
     # parts of 66 and 134 rows: the second part's outputs start at an unaligned column
     mods = [module(200, 256, parts=2), module(200, 256, parts=2, bias=False), module(3072, 3072), module(9216, 3072),
             module(3072, 3072, bias=False)]
-    old = knobs.runtime.jit_cache_hook
-    knobs.runtime.jit_cache_hook = hook
-    try:
+    with _compiles_recorded() as seen:
         info = preparation.prepare_modules(mods, b, DEV, self_check=True)
-    finally:
-        knobs.runtime.jit_cache_hook = old
     # w4a16: pack, decode, small-M per part; fp8: a conversion per part, a GEMV per layer and an act
     # quant per layer torch._scaled_mm takes (not N = 200: fp8-dq)
     shapes = 5
@@ -351,12 +370,7 @@ def test_kernels_compiled_while_loading_leave_preparation_nothing_to_compile():
     """The loader starts compiling for each checkpoint layer it reads (start_compiling, every
     backend auto may pick); preparing the modules built from those layers, with either backend,
     then compiles nothing and queues nothing."""
-    from triton import knobs
-    from comfyui_nvfp4.kernels import triton_fp8, triton_w4a16
-    for kernel in (triton_w4a16._pack_kernel, triton_w4a16._decode_kernel, triton_w4a16._small_m_kernel,
-                   triton_fp8._nvfp4_to_fp8_kernel, triton_fp8._act_quant_fp8_kernel, triton_fp8._small_m_kernel.fn):
-        kernel.device_caches.clear()
-    compile_ahead.forget()
+    _forget_compiled(_triton_kernels("w4a16", "fp8"))
     mods = [module(9216, 3072), module(3072, 3072, bias=False), module(200, 256, parts=2), module(9216, 3072)]
     layers = [m.canonical() for m in mods]  # what the loader read
     started = []
@@ -365,15 +379,10 @@ def test_kernels_compiled_while_loading_leave_preparation_nothing_to_compile():
     assert {type(a).__name__ for a in started} == {"TritonKernelsAhead"}
     for a in started:
         a.close()
-    seen = []
-    old = knobs.runtime.jit_cache_hook
-    knobs.runtime.jit_cache_hook = lambda *, fn, **_: seen.append(fn.name) or False
-    try:
+    with _compiles_recorded() as seen:
         for name in ("w4a16", "fp8"):  # the node's device names the index: the same device as DEV
             info = preparation.prepare_modules(mods, registry.get(name), torch.device("cuda", torch.cuda.current_device()),
                                                self_check=True)
             assert info["prepared_layers"] == 4 and info["self_check_min_cosine"] > 0.99
             assert info["compile_launches"] == 0 and info["compile_seconds"] == 0, info
-    finally:
-        knobs.runtime.jit_cache_hook = old
     assert seen == [], f"preparation compiled {seen} after the loader's early start"
