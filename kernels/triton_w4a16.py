@@ -43,8 +43,11 @@ TILE_WORDS = tl.constexpr(TILE_ROWS * 16)  # int32 words of one stored tile of o
 TILE_SCALE_WORDS = tl.constexpr(TILE_ROWS * 2)  # int32 words of its scales (8 bytes a row)
 S_BIAS = tl.constexpr(SCALE_BIAS)
 WEIGHT_F = tl.constexpr(WEIGHT_FACTOR)
-ROT = tl.constexpr(ROTATION)
-BIT = tl.constexpr(TARGET_BIT)
+# The layout's tables as one integer each, 5 bits an entry, read in the kernels with shifts of
+# constexprs: Triton 3.3 cannot index a constexpr tuple, its CPU interpreter has no .value on the
+# indices, and a shift means the same in both.
+ROT_BITS = tl.constexpr(sum(r << (5 * (4 * j + b)) for j, row in enumerate(ROTATION) for b, r in enumerate(row)))
+BIT_BITS = tl.constexpr(sum(t << (5 * b) for b, t in enumerate(TARGET_BIT)))
 
 
 def _pair_asm(group: int) -> str:
@@ -69,7 +72,9 @@ def _pair_asm(group: int) -> str:
     return "{ .reg .b32 t, u; " + " ".join(lines) + " }"
 
 
-PAIR_ASM = tl.constexpr(tuple(_pair_asm(i) for i in range(8)))
+# one constexpr string per group, passed down by the caller (a tuple of them Triton 3.3 cannot index)
+PAIR_ASM = tuple(tl.constexpr(_pair_asm(i)) for i in range(8))
+PAIR0, PAIR1, PAIR2, PAIR3, PAIR4, PAIR5, PAIR6, PAIR7 = PAIR_ASM
 
 
 @triton.jit
@@ -87,19 +92,21 @@ def field_fp16(word, J: tl.constexpr):
     """uint32 words -> the two nibbles of field J as fp16 bit patterns of e2m1 * 2^-14: each nibble
     bit rotated by ROTATION[J] onto its bf16 bit (TARGET_BIT), the magnitude bits 3 further (fp16's
     exponent field is 3 bits narrower than bf16's)."""
-    out = rotl(word, ROT[J][3]) & ((1 << BIT[3]) * 0x10001)  # the sign
+    # 2 ** bit, not 1 << bit: the interpreter's constexpr has no reflected shift
+    out = rotl(word, (ROT_BITS >> (5 * (4 * J + 3))) & 31) & (2 ** ((BIT_BITS >> 15) & 31) * 0x10001)  # the sign
     for b in tl.static_range(3):
-        out |= rotl(word, (ROT[J][b] + 3) % 32) & ((1 << (BIT[b] + 3)) * 0x10001)
+        out |= (rotl(word, (((ROT_BITS >> (5 * (4 * J + b))) & 31) + 3) % 32)
+                & (2 ** (((BIT_BITS >> (5 * b)) & 31) + 3) * 0x10001))
     return out
 
 
 @triton.jit
-def pair_bf16(word, I: tl.constexpr):
+def pair_bf16(word, ASM: tl.constexpr):
     """[16, BN] words of a superchunk in the tensor cores' operand layout -> group I as a bf16
-    operand of e2m1 * 2^-126 (times `scales_bf16`). Inline PTX on a register pair: words 2p
+    operand of e2m1 * 2^-126 (times `scales_bf16`); ASM is that group's PAIR_ASM[I]. Inline PTX on a register pair: words 2p
     (groups 0-3) and 2p + 1 (groups 4-7) hold both elements 2p, 2p + 1 of the pair's register,
     so each output register is one rotate and mask (two for field 3) of one of them (`_pair_asm`)."""
-    return tl.inline_asm_elementwise(asm=PAIR_ASM[I], constraints="=r,r,r", args=[word], dtype=tl.bfloat16,
+    return tl.inline_asm_elementwise(asm=ASM, constraints="=r,r,r", args=[word], dtype=tl.bfloat16,
                                      is_pure=True, pack=2)
 
 
@@ -204,10 +211,10 @@ def _pack_kernel(code_ptr, scale_ptr, w_out, s_out, N, n_sc, stride_cn, stride_s
     for b in tl.static_range(4):
         rot = tl.zeros((4,), dtype=tl.uint32)
         for jj in tl.static_range(4):
-            rot = tl.where(j == jj, ROT[jj][b], rot)
+            rot = tl.where(j == jj, (ROT_BITS >> (5 * (4 * jj + b))) & 31, rot)
         for eh in tl.static_range(2):
             bit = (byte >> (4 * eh + b)) & 1
-            word |= bit << ((BIT[b] + 16 * eh + 32 - rot[None, None, :]) % 32)
+            word |= bit << ((32 - rot[None, None, :] + ((BIT_BITS >> (5 * b)) & 31) + 16 * eh) % 32)
     word = tl.sum(word, axis=2)  # the four fields' bits are disjoint: the sum is their OR
     base = tl.program_id(0) * n_sc + sc
     tl.store(w_out + base * TILE_WORDS + r[:, None] * 16 + w[None, :], word.to(tl.int32, bitcast=True))
@@ -286,10 +293,11 @@ CONFIGS = [dict(BN=bn, num_warps=4, num_stages=st)
 
 
 @triton.jit
-def _group_dot(x, r_ok, word, s, acc, I: tl.constexpr):
-    """acc + activations of group I x its decoded [16, BN] weights (scales s [BN], bf16)."""
+def _group_dot(x, r_ok, word, s, acc, I: tl.constexpr, ASM: tl.constexpr):
+    """acc + activations of group I x its decoded [16, BN] weights (scales s [BN], bf16; ASM: the
+    group's PAIR_ASM)."""
     xi = tl.load(x + 16 * I, mask=r_ok[:, None], other=0.0)
-    return tl.dot(xi, pair_bf16(word, I) * s[None, :], acc)
+    return tl.dot(xi, pair_bf16(word, ASM) * s[None, :], acc)
 
 
 @triton.jit
@@ -319,14 +327,14 @@ def _small_m_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, c_ptr, part_ptr, coun
             s1, s3 = scales_bf16(s03, 1)
             s4, s6 = scales_bf16(s47, 0)
             s5, s7 = scales_bf16(s47, 1)
-            acc = _group_dot(x, r_ok, word, s0, acc, 0)
-            acc = _group_dot(x, r_ok, word, s1, acc, 1)
-            acc = _group_dot(x, r_ok, word, s2, acc, 2)
-            acc = _group_dot(x, r_ok, word, s3, acc, 3)
-            acc = _group_dot(x, r_ok, word, s4, acc, 4)
-            acc = _group_dot(x, r_ok, word, s5, acc, 5)
-            acc = _group_dot(x, r_ok, word, s6, acc, 6)
-            acc = _group_dot(x, r_ok, word, s7, acc, 7)
+            acc = _group_dot(x, r_ok, word, s0, acc, 0, PAIR0)
+            acc = _group_dot(x, r_ok, word, s1, acc, 1, PAIR1)
+            acc = _group_dot(x, r_ok, word, s2, acc, 2, PAIR2)
+            acc = _group_dot(x, r_ok, word, s3, acc, 3, PAIR3)
+            acc = _group_dot(x, r_ok, word, s4, acc, 4, PAIR4)
+            acc = _group_dot(x, r_ok, word, s5, acc, 5, PAIR5)
+            acc = _group_dot(x, r_ok, word, s6, acc, 6, PAIR6)
+            acc = _group_dot(x, r_ok, word, s7, acc, 7, PAIR7)
         else:  # the CPU interpreter (no inline PTX, no bf16 dot): fp32, each element from its word
             for i in tl.static_range(8):
                 xi = tl.load(x + 16 * i, mask=r_ok[:, None], other=0.0).to(tl.float32)
