@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 
 import torch
 
@@ -65,9 +66,25 @@ def _cuda_cc_below(device, minimum: tuple[int, int], no_gpu: str, too_old: str) 
     return f"{too_old}, this GPU is {cc[0]}.{cc[1]}" if cc < minimum else None
 
 
-def _triton_ok() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "needs Triton (it ships with PyTorch's CUDA wheels on Linux)"
+# The oldest Triton our kernels compile with: every kernel variant preparation and sampling
+# launch compiled for sm_80 / sm_89 / sm_90 with Triton 3.3, 3.4, 3.5 and 3.6 (offline, eleventh
+# session); CI compiles them with its own Triton (tests/test_triton_compiles.py).
+TRITON_MIN = (3, 3)
+
+
+def _triton_ok(version: str | None = None) -> tuple[bool, str]:
+    """Whether our Triton kernels can run here: Triton installed and at least TRITON_MIN
+    (`version`: this install's, read when not given; pre-release and vendor suffixes such as
+    3.3.1.post19 of triton-windows are ignored)."""
+    if version is None:
+        if importlib.util.find_spec("triton") is None:
+            return False, "needs Triton (it ships with PyTorch's CUDA wheels on Linux)"
+        import triton
+        version = triton.__version__
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None or tuple(int(v) for v in found.groups()) < TRITON_MIN:
+        return False, (f"needs Triton >= {TRITON_MIN[0]}.{TRITON_MIN[1]}, this install has {version} "
+                       "(PyTorch >= 2.7 ships it)")
     return True, ""
 
 
