@@ -103,9 +103,10 @@ def field_fp16(word, J: tl.constexpr):
 @triton.jit
 def pair_bf16(word, ASM: tl.constexpr):
     """[16, BN] words of a superchunk in the tensor cores' operand layout -> group I as a bf16
-    operand of e2m1 * 2^-126 (times `scales_bf16`); ASM is that group's PAIR_ASM[I]. Inline PTX on a register pair: words 2p
-    (groups 0-3) and 2p + 1 (groups 4-7) hold both elements 2p, 2p + 1 of the pair's register,
-    so each output register is one rotate and mask (two for field 3) of one of them (`_pair_asm`)."""
+    operand of e2m1 * 2^-126 (times `scales_bf16`); ASM is that group's PAIR_ASM[I]. Inline PTX
+    on a register pair: words 2p (groups 0-3) and 2p + 1 (groups 4-7) hold both elements 2p,
+    2p + 1 of the pair's register, so each output register is one rotate and mask (two for
+    field 3) of one of them (`_pair_asm`)."""
     return tl.inline_asm_elementwise(asm=ASM, constraints="=r,r,r", args=[word], dtype=tl.bfloat16,
                                      is_pure=True, pack=2)
 

@@ -80,7 +80,8 @@ def w4a16_launches() -> list[Launch]:
         out = torch.empty((m, n), dtype=torch.bfloat16, **META)
         for config in triton_w4a16.CONFIGS:
             launches.append(triton_w4a16._small_m_launch(x, codes, scales, gscale, None, out, config, split))
-    launches.append(triton_w4a16._decode_launch(codes, scales, gscale, torch.empty((n, k), dtype=torch.float16, **META)))
+    fp16_weight = torch.empty((n, k), dtype=torch.float16, **META)
+    launches.append(triton_w4a16._decode_launch(codes, scales, gscale, fp16_weight))
     return launches
 
 
