@@ -1,13 +1,14 @@
 """Compile every Triton kernel variant the plugin launches, for real GPUs, on a machine without one.
 
 Run as a script (tests/test_triton_compiles.py does, in a fresh process: the CPU tests' interpreter
-mode would wrap the kernels instead): `python tests/triton_compile_all.py 80 89 90`. The launches
+mode would wrap the kernels instead): `python tests/triton_compile_all.py 80 86 89 90`. The launches
 are the ones the plugin itself builds on meta tensors (compile_ahead's preparation launches, every
 small-M config) plus the fused-block kernels' launches, recorded from their wrappers; each is
 compiled to a cubin with the installed Triton's own ptxas for the given SM targets (fp8 and the
 fused blocks from SM 8.9, w4a16 from 8.0; all of them for the newest target, a sample for the
-others). Prints one line per failure and a summary; exit status 1
-when any failed. Catches what the interpreter cannot: a construct this Triton's compiler rejects.
+others). Prints one line per failure and a summary; exit status 1 when any failed to compile or
+needs more shared memory than an RTX 30xx / 40xx block has. Catches what the interpreter cannot:
+a construct this Triton's compiler rejects, a config too big to launch.
 """
 import os
 import sys
@@ -29,6 +30,9 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from comfyui_nvfp4.kernels import triton_fp8, triton_fused, triton_w4a16  # noqa: E402
 from comfyui_nvfp4.kernels.triton_common import LayerShape, Launch, configs_for  # noqa: E402
 
+# Shared memory a block may use on the smallest SM80+ parts (RTX 30xx / 40xx, SM 8.6 / 8.9: 99 KB);
+# a launch above it compiles but fails to launch there
+SHARED_LIMIT = 99 * 1024
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
          torch.int64: "i64", torch.uint8: "u8", torch.float8_e4m3fn: "fp8e4nv"}
 META = dict(device="meta")
@@ -150,7 +154,10 @@ def main(archs: list[int]) -> int:
             for launch in launches if arch == max(archs) else launches[:3]:
                 try:
                     src, options = source(launch)
-                    triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+                    kernel = triton_compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+                    if kernel.metadata.shared > SHARED_LIMIT:
+                        raise RuntimeError(f"needs {kernel.metadata.shared} bytes of shared memory, SM 8.6 / 8.9 "
+                                           f"GPUs have {SHARED_LIMIT}")
                     compiled += 1
                 except Exception as e:  # report every failure, then fail
                     failed += 1
