@@ -67,7 +67,7 @@ def _cuda_cc_below(device, minimum: tuple[int, int], no_gpu: str, too_old: str) 
 
 
 # The oldest Triton our kernels compile with: every kernel variant preparation and sampling
-# launch compiled for sm_80 / sm_89 / sm_90 with Triton 3.3, 3.4, 3.5, 3.6 and 3.9 (offline,
+# launch compiled for sm_80 / sm_86 / sm_89 / sm_90 with every Triton from 3.3 to 3.9 (offline,
 # eleventh session); CI compiles them with its own Triton (tests/test_triton_compiles.py).
 TRITON_MIN = (3, 3)
 
