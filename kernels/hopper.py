@@ -45,17 +45,20 @@ def _gemm_key(m: int, w: torch.Tensor) -> tuple[int, int, int]:
     return max(m, SCALED_MM_MIN_M), w.shape[0], w.shape[1]
 
 
-def _rejected(key: tuple[int, int, int], w: torch.Tensor) -> bool:
-    """Whether torch._scaled_mm cannot take the GEMM of `key` (_gemm_key of M rows against w;
-    remembered per shape, logged once)."""
+def _rejected(key: tuple[int, int, int]) -> bool:
+    """Whether torch._scaled_mm cannot take the GEMM of `key` (_gemm_key): a shape cuBLASLt
+    refused, or a layer whose N or K breaks the multiple-of-16 rule, which holds for every M (so
+    it is remembered and logged once per layer shape, as (0, N, K), not once per M)."""
     if key in _SCALED_MM_REJECTED:
         return True
-    if not scaled_mm_shape_ok(*w.shape):
-        _SCALED_MM_REJECTED.add(key)
+    _, n, k = key
+    if scaled_mm_shape_ok(n, k):
+        return False
+    if (0, n, k) not in _SCALED_MM_REJECTED:
+        _SCALED_MM_REJECTED.add((0, n, k))
         log.warning("NVFP4 fp8: torch._scaled_mm needs N and K multiples of 16, this layer is N=%d K=%d; "
-                    "it runs 'fp8-dq' (FP8 weights dequantized, bf16 GEMM)", w.shape[0], w.shape[1])
-        return True
-    return False
+                    "it runs 'fp8-dq' (FP8 weights dequantized, bf16 GEMM)", n, k)
+    return True
 
 
 def _cuda_cc_below(device, minimum: tuple[int, int], no_gpu: str, too_old: str) -> str | None:
@@ -196,7 +199,7 @@ class FP8Backend(Backend):
     def _scaled_mm(self, x2, w, ws, b, out_dtype):
         """Per-token FP8 activations x FP8 weights on cuBLASLt; None where cuBLASLt rejects the shape."""
         from .triton_fp8 import act_quant_fp8
-        if _rejected(_gemm_key(x2.shape[0], w), w):  # skip quantizing for nothing
+        if _rejected(_gemm_key(x2.shape[0], w)):  # skip quantizing for nothing
             return None
         q, xs = act_quant_fp8(x2)
         return self.gemm_quantized(q, xs, w, ws, b, out_dtype)
@@ -206,7 +209,7 @@ class FP8Backend(Backend):
         None where cuBLASLt rejects the shape (logged once per shape)."""
         m = q.shape[0]
         key = _gemm_key(m, w)
-        if _rejected(key, w):
+        if _rejected(key):
             return None
         mp = key[0]
         if m < mp:

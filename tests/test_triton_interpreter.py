@@ -267,15 +267,21 @@ def test_compile_ahead_builds_the_launches_the_backend_makes(monkeypatch, backen
             assert len(real) == 4 and "False" in "".join(real)  # the unaligned part was among them
 
 
-def test_fp8_layer_whose_n_is_no_multiple_of_16_runs_fp8_dq():
+def test_fp8_layer_whose_n_is_no_multiple_of_16_runs_fp8_dq(monkeypatch, caplog):
     """torch._scaled_mm refuses N or K not multiples of 16 on CUDA (a RuntimeError, not cuBLASLt's
-    NOT_SUPPORTED): such a layer must run 'fp8-dq' above 16 rows, not fail preparation's check."""
-    from comfyui_nvfp4.kernels import registry
+    NOT_SUPPORTED): such a layer must run 'fp8-dq' above 16 rows, not fail preparation's check,
+    and say so once for the layer, whatever M comes."""
+    import logging
+    from comfyui_nvfp4.kernels import hopper, registry
+    monkeypatch.setattr(hopper, "_SCALED_MM_REJECTED", set())  # nothing remembered from earlier tests
     m = _two_part_layer(256, (66, 134), torch.randn(200).to(torch.bfloat16))
     backend = registry.get("fp8")
     m.set_prepared(backend.name, backend.prepare(m))
-    x = torch.randn(32, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    y = backend.run(m, x)
-    assert m.last_path == "fp8-dq"
-    ref = x.double() @ m.canonical().dequantize(torch.float64).t() + m.bias.double()
-    assert rel(y, ref) < 0.04
+    ref_w = m.canonical().dequantize(torch.float64).t()
+    with caplog.at_level(logging.WARNING, logger="comfyui_nvfp4"):
+        for rows in (32, 80):
+            x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+            y = backend.run(m, x)
+            assert m.last_path == "fp8-dq"
+            assert rel(y, x.double() @ ref_w + m.bias.double()) < 0.04
+    assert caplog.text.count("needs N and K multiples of 16, this layer is N=200 K=256") == 1
