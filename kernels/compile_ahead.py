@@ -79,11 +79,9 @@ class _Compiler:
         the compiles are queued on the pool now, first shape first; without it each shape's
         finishing task compiles its own."""
         if not use_async:
-            return {s: [lambda lc=lc: lc.kernel.warmup(*lc.args, grid=lc.grid, **lc.options) for lc in launches]
-                    for s, launches in per_shape.items()}
+            return {s: [lambda lc=lc: _warm(lc) for lc in launches] for s, launches in per_shape.items()}
         with _on(device):
-            return {s: [_getter(lc.kernel.warmup(*lc.args, grid=lc.grid, **lc.options)) for lc in launches]
-                    for s, launches in per_shape.items()}
+            return {s: [_getter(_warm(lc)) for lc in launches] for s, launches in per_shape.items()}
 
     def _finish(self, key, getters, device: torch.device) -> None:
         with _on(device):
@@ -154,6 +152,12 @@ def _key(backend: str, device: torch.device, shape) -> tuple:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return backend, device, shape
+
+
+def _warm(launch):
+    """Compile the launch's variant without running it (Triton's warmup: the compiled kernel, or
+    a FutureKernel under an AsyncCompileMode)."""
+    return launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.options)
 
 
 def _on(device: torch.device):

@@ -93,7 +93,7 @@ def field_fp16(word, J: tl.constexpr):
     bit rotated by ROTATION[J] onto its bf16 bit (TARGET_BIT), the magnitude bits 3 further (fp16's
     exponent field is 3 bits narrower than bf16's)."""
     # 2 ** bit, not 1 << bit: the interpreter's constexpr has no reflected shift
-    out = rotl(word, (ROT_BITS >> (5 * (4 * J + 3))) & 31) & (2 ** ((BIT_BITS >> 15) & 31) * 0x10001)  # the sign
+    out = rotl(word, (ROT_BITS >> (5 * (4 * J + 3))) & 31) & (2 ** ((BIT_BITS >> (5 * 3)) & 31) * 0x10001)  # the sign
     for b in tl.static_range(3):
         out |= (rotl(word, (((ROT_BITS >> (5 * (4 * J + b))) & 31) + 3) % 32)
                 & (2 ** (((BIT_BITS >> (5 * b)) & 31) + 3) * 0x10001))
