@@ -48,13 +48,28 @@ def bench(fn):
 
 
 _FLUSH = {}
+# How bench_graph empties L2 before each call. "write" (a 128 MB zero_) leaves L2 full of dirty
+# lines, so the timed call's reads also pay for writing them back: as inside a model step, where
+# the previous kernel's output is in L2, and costlier for the call that reads more bytes (bf16).
+# "read" (a 128 MB sum) leaves clean lines: the timed call pays for its own reads only.
+FLUSHES = ("write", "read")
 
 
-def bench_graph(fn, reps: int = 20):
+def _flush_call(kind: str):
+    buf = _FLUSH.setdefault("buf", torch.empty(32 << 20, dtype=torch.float32, device="cuda"))
+    if kind == "write":
+        return buf.zero_
+    sink = _FLUSH.setdefault("sink", torch.empty((), dtype=torch.float32, device="cuda"))
+    return lambda: torch.sum(buf, dim=None, out=sink)
+
+
+def bench_graph(fn, reps: int = 20, flush: str = "write"):
     """GPU time of one call without the host's launch overhead: a CUDA graph of `reps` x (L2
-    flush, call) minus one of `reps` x (L2 flush), median of 10 replays each. The flush (a
-    128 MB write) keeps 4-bit weights that would fit the 50 MB L2 from being read from it."""
-    flush = _FLUSH.setdefault("buf", torch.empty(32 << 20, dtype=torch.float32, device="cuda"))
+    flush, call) minus one of `reps` x (L2 flush), median of 10 replays each. The flush (128 MB,
+    see FLUSHES) keeps 4-bit weights that would fit the 50 MB L2 from being read from it."""
+    if flush not in FLUSHES:
+        raise ValueError(f"bench_graph: flush must be one of {FLUSHES}, got {flush!r}")
+    empty_l2 = _flush_call(flush)
 
     def per_call(body):
         side = torch.cuda.Stream()
@@ -77,15 +92,15 @@ def bench_graph(fn, reps: int = 20):
             times.append(start.elapsed_time(end) / reps)
         return sorted(times)[len(times) // 2]
 
-    return per_call(lambda: (flush.zero_(), fn())) - per_call(flush.zero_)
+    return per_call(lambda: (empty_l2(), fn())) - per_call(empty_l2)
 
 
-def bench_all(fns: dict, graph: bool = False) -> dict:
+def bench_all(fns: dict, graph: bool = False, flush: str = "write") -> dict:
     """Each variant timed twice, interleaved; the faster median counts (removes order effects)."""
     best = {}
     for _ in range(2):
         for name, fn in fns.items():
-            t = bench_graph(fn) if graph else bench(fn)
+            t = bench_graph(fn, flush=flush) if graph else bench(fn)
             best[name] = min(best.get(name, t), t)
     return best
 
@@ -101,6 +116,9 @@ def main():
     ap.add_argument("--fast-accum", action="store_true", help="also time fp8 with cuBLAS's promoting accumulation")
     ap.add_argument("--graph", action="store_true",
                     help="time GPU work only (CUDA graphs, see bench_graph) and report each call's host time")
+    ap.add_argument("--flush", choices=FLUSHES, default="write",
+                    help="with --graph: empty L2 before each call by writing 128 MB (dirty lines, the "
+                         "default) or by reading it (clean lines); see FLUSHES")
     ap.add_argument("--max-m", type=int, default=None, help="only the shapes with M <= this")
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -135,7 +153,7 @@ def main():
                     finally:
                         b.fast_accum = True
                 fns["fp8-promoting-accum"] = promoting
-        times = bench_all(fns, graph=a.graph)
+        times = bench_all(fns, graph=a.graph, flush=a.flush)
         hosts = {label: per_call_us(fn, 200, wait_for_gpu=False) / 1e3 for label, fn in fns.items()} if a.graph else {}
         base = times["bf16"]
         res = {"shape": [m, k, n], "bf16_ms": base, "emulate_err": rel(EMULATE.run(mod, x.float()), ref),
@@ -158,6 +176,8 @@ def main():
         torch.cuda.empty_cache()
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{__import__('triton').__version__}")
+    if a.graph:
+        print(f"L2 emptied before each call by a 128 MB {a.flush}")
     timing = "GPU ms (CUDA graph) | host ms/call" if a.graph else "ms"
     print(f"| shape M,K,N | path | {timing} | TFLOP/s | x bf16 | x dequant | rel err |")
     print("|---|---|---|---|---|---|---|" + ("---|" if a.graph else ""))
