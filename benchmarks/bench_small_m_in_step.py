@@ -20,6 +20,7 @@ from comfyui_nvfp4.kernels import registry
 from comfyui_nvfp4.kernels.module import NVFP4LinearModule, active_backend
 
 SMALL_M = 16
+STEPS = 3  # profiled steps per path and batch
 PREFIX = "small-M linear "
 
 
@@ -46,14 +47,14 @@ def mark_small_m_calls(model):
             m.register_forward_hook(leave)
 
 
-def small_m_times(model, inputs, backend, steps=3) -> dict[str, list[float]]:
-    """{shape: GPU microseconds of each call} over `steps` steps after two unprofiled ones."""
+def small_m_times(model, inputs, backend) -> dict[str, list[float]]:
+    """{"M,K,N kind": GPU microseconds of each call} over STEPS steps after two unprofiled ones."""
     with active_backend(backend), torch.inference_mode():
         for _ in range(2):
             model(**inputs)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
+            for _ in range(STEPS):
                 model(**inputs)
             torch.cuda.synchronize()
     times = defaultdict(list)
@@ -89,7 +90,7 @@ def main():
             dm.format_in_checkpoint = qm.format
     mark_small_m_calls(dense)
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
-          f"{__import__('triton').__version__}; FLUX.1-dev dims, 1024x1024; GPU us a call, median over 3 steps")
+          f"{__import__('triton').__version__}; FLUX.1-dev dims, 1024x1024; GPU us a call, median over {STEPS} steps")
     one = bench_step.step_inputs(dev)
     for batch in map(int, a.batches.split(",")):
         inputs = {k: v.expand(batch, *v.shape[1:]).contiguous() if v.dim() else v for k, v in one.items()}
@@ -105,8 +106,8 @@ def main():
                 total_ours += sum(ours[shape])
             b, o = median(bf16[shape]), median(ours[shape])
             where = "yes" if quant else "no (bf16 on both paths)"
-            print(f"| {shape.split()[0]} | {where} | {len(bf16[shape]) // 3} | {b:.1f} | {o:.1f} | {b / o:.2f}x |")
-        print(f"NVFP4 small-M linears of one step: bf16 {total_bf16 / 3:.0f} us, w4a16 {total_ours / 3:.0f} us "
+            print(f"| {shape.split()[0]} | {where} | {len(bf16[shape]) // STEPS} | {b:.1f} | {o:.1f} | {b / o:.2f}x |")
+        print(f"NVFP4 small-M linears of one step: bf16 {total_bf16 / STEPS:.0f} us, w4a16 {total_ours / STEPS:.0f} us "
               f"({total_bf16 / total_ours:.2f}x)", flush=True)
 
 
