@@ -4,18 +4,21 @@ rotate-and-mask decode to bf16; re-encoded block scales whose bf16 bits are a sh
 op away; both stored 32 rows at a time.
 
 small-M (M <= SMALL_M_MAX: the modulation GEMMs at batch M, the time/guidance/vector MLPs):
-  y = x @ dequant(W).T + bias on tensor cores (rows padded to 16), the weight read once as 4-bit
-  codes + 1-byte scales (0.56 bytes per weight instead of bf16's 2). Per superchunk, 8 dots
-  [16, 16] x [16, BN], one per scale group. Decoding one register of a group's operand (two
-  weights of one row) is a rotate, a mask and one bf16x2 multiply by the group's scale
-  (`pair_bf16`, inline PTX on the register pair of words 2p, 2p + 1): e2m1 * scale / 2^20, exact,
-  so the products accumulate straight into the fp32 accumulator (about 2.9 SASS instructions
-  per weight per thread at BN = 128; the tile before this layout took 6.5). Triton keeps the
-  decode in the operand layout: the words go from its pipelined shared-memory buffer into
-  registers, no decoded weight goes through shared memory. K is split when N alone gives too few
-  programs: each K range stores its fp32 partial sums in a workspace and the last range of a column
-  tile to finish (a per-tile arrival counter) adds them up in K order and writes the output, so a
-  call is one launch (no zeroing, no atomics per output, no copy) and its result deterministic.
+  y = x @ dequant(W).T + bias on tensor cores, computed transposed (W x^T): the decoded weights
+  are the MMA's A operand [BN, 128] per superchunk, straight from registers, the activations its
+  B operand x^T [128, MT] (MT = 8 tokens up to M = 8, the m16n8k16 MMA's N, else 16; tiles of 4
+  warps become wgmma with A from registers on SM 9.0), so few tokens waste little of each MMA and the weight is read
+  once as 4-bit codes + 1-byte scales (0.56 bytes per weight instead of bf16's 2). Decoding one
+  register of a group's weights (two weights of one row) is a rotate, a mask and one bf16x2
+  multiply by the group's scale (`pair_bf16`, inline PTX on the register pair of words 2p,
+  2p + 1): e2m1 * scale / 2^20, exact, so the products accumulate straight into the fp32
+  accumulator. Triton keeps the decode in registers: the words go from its pipelined
+  shared-memory buffer into the operand layout, the 8 decoded groups are joined along K without
+  moving (checked in the Triton 3.6 TTGIR for sm_90), no decoded weight goes through shared
+  memory. K is split when N alone gives too few programs: each K range stores its fp32 partial
+  sums in a workspace and the last range of a column tile to finish (a per-tile arrival counter)
+  adds them up in K order and writes the output, so a call is one launch (no zeroing, no atomics
+  per output, no copy) and its result deterministic.
 decode: the layer's weight decoded to a transient bf16/fp16 [N, K] buffer in one pass (read
   0.56 B, write 2 B per weight), for cuBLAS to multiply at large M where the GEMM is
   compute-bound and a decoding GEMM loses (the in-kernel decode measured 0.27x bf16 at M=4096).
@@ -26,6 +29,7 @@ preparation_launches: the variants preparing a model's layers runs (pack, decode
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import triton
@@ -286,107 +290,119 @@ def _decode_launch(packed_w4a16, scale_w4a16, global_scale, out) -> Launch:
                    out.stride(0)), dict(num_warps=4))
 
 
-# Every small-M tile the kernel has (tests run them all, choose() picks one per shape): BN rows
-# (whole stored tiles of 32) x one superchunk per iteration, num_stages-deep prefetch. 4 warps:
-# with 8, Triton 3.6 decodes outside the operand layout and converts through shared memory.
-CONFIGS = [dict(BN=bn, num_warps=4, num_stages=st)
-           for bn, st in [(128, 2), (64, 3), (32, 2), (128, 3), (64, 2), (256, 2), (256, 3), (32, 3)]]
+# Every small-M tile the kernel has (tests run them all, choose() picks one per shape): BN weight
+# rows (whole stored tiles of 32) x one superchunk per iteration, num_stages-deep prefetch, the
+# warps split over the rows (16 or 64 rows a warp or warpgroup: 2 warps suit BN 32-64, 4 warps
+# BN 128-256). The token tile (8 or 16 rows) follows M, not the config.
+CONFIGS = [dict(BN=bn, num_warps=nw, num_stages=st)
+           for bn, nw, st in [(64, 2, 3), (32, 2, 4), (64, 4, 3), (128, 4, 3), (128, 4, 4)]]
+
+# Dots 8 wide: Triton's NVIDIA backend takes them from 3.5 on (its min_dot_size); 3.3 and 3.4
+# refuse any dot dimension under 16.
+NARROW_DOT = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 5)
+
+
+def token_tile(m: int, narrow: bool = NARROW_DOT) -> int:
+    """Rows of the activation tile: 8 up to M = 8 (the m16n8k16 MMA's N) where Triton allows a
+    dot that narrow, else 16."""
+    return 8 if m <= 8 and narrow else 16
 
 
 @triton.jit
-def _group_dot(x, r_ok, word, s, acc, I: tl.constexpr, ASM: tl.constexpr):
-    """acc + activations of group I x its decoded [16, BN] weights (scales s [BN], bf16; ASM: the
-    group's PAIR_ASM)."""
-    xi = tl.load(x + 16 * I, mask=r_ok[:, None], other=0.0)
-    return tl.dot(xi, pair_bf16(word, ASM) * s[None, :], acc)
+def _group_weights(word, s, ASM: tl.constexpr):
+    """[BN, 16] words of a superchunk -> one group's decoded weights times its scales s [BN] (bf16;
+    ASM: the group's PAIR_ASM), still in registers."""
+    return pair_bf16(word, ASM) * s[:, None]
 
 
 @triton.jit
 def _small_m_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, bias_ptr, c_ptr, part_ptr, count_ptr, M, N, K, stride_am,
-                    stride_cm, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr):
-    """Program (n, s) owns BN output channels and the s-th of SPLIT K ranges, and streams those
-    4-bit weights once. SPLIT > 1: part_ptr holds [SPLIT, M, N] fp32 partial sums, count_ptr one
+                    stride_cm, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, MT: tl.constexpr,
+                    ASM: tl.constexpr):
+    """Program (n, s) owns BN output channels and the s-th of SPLIT K ranges (balanced: any split
+    count), and streams those 4-bit weights once; it computes the transposed tile
+    acc[BN, MT] = W x^T. SPLIT > 1: part_ptr holds [SPLIT, M, N] fp32 partial sums, count_ptr one
     zeroed int32 arrival counter per column tile, which the tile's last program resets."""
     pid_k = tl.program_id(1)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     n_sc = K // SUPER_K
-    per = tl.cdiv(n_sc, SPLIT)
-    rows = tl.arange(0, 16)
-    r_ok = rows < M
+    toks = tl.arange(0, MT)
+    t_ok = toks < M
     w = tl.arange(0, 16)
+    kk = tl.arange(0, SUPER_K)
     w_off = word_offsets(offs_n, n_sc)
     s_off = scale_offsets(offs_n, n_sc)
-    acc = tl.zeros((16, BN), dtype=tl.float32)
-    for sc in range(pid_k * per, tl.minimum(pid_k * per + per, n_sc)):
+    acc = tl.zeros((BN, MT), dtype=tl.float32)
+    for sc in range(pid_k * n_sc // SPLIT, (pid_k + 1) * n_sc // SPLIT):
         s03 = tl.load(s_ptr + s_off + sc * TILE_SCALE_WORDS, mask=n_mask, other=0)  # groups 0-3
         s47 = tl.load(s_ptr + s_off + sc * TILE_SCALE_WORDS + 1, mask=n_mask, other=0)  # groups 4-7
-        x = a_ptr + rows[:, None] * stride_am + sc * SUPER_K + w[None, :]
+        x_t = a_ptr + toks[None, :] * stride_am + sc * SUPER_K  # [., MT]: the tokens' superchunk, transposed
         if ASM:
-            word = tl.load(w_ptr + w_off[None, :] + sc * TILE_WORDS + w[:, None], mask=n_mask[None, :], other=0)
+            word = tl.load(w_ptr + w_off[:, None] + sc * TILE_WORDS + w[None, :], mask=n_mask[:, None], other=0)
             s0, s2 = scales_bf16(s03, 0)
             s1, s3 = scales_bf16(s03, 1)
             s4, s6 = scales_bf16(s47, 0)
             s5, s7 = scales_bf16(s47, 1)
-            acc = _group_dot(x, r_ok, word, s0, acc, 0, PAIR0)
-            acc = _group_dot(x, r_ok, word, s1, acc, 1, PAIR1)
-            acc = _group_dot(x, r_ok, word, s2, acc, 2, PAIR2)
-            acc = _group_dot(x, r_ok, word, s3, acc, 3, PAIR3)
-            acc = _group_dot(x, r_ok, word, s4, acc, 4, PAIR4)
-            acc = _group_dot(x, r_ok, word, s5, acc, 5, PAIR5)
-            acc = _group_dot(x, r_ok, word, s6, acc, 6, PAIR6)
-            acc = _group_dot(x, r_ok, word, s7, acc, 7, PAIR7)
+            # the 8 groups joined along K in registers (k = 16 group + w): one dot of K = 128
+            g01 = tl.join(_group_weights(word, s0, PAIR0), _group_weights(word, s1, PAIR1))
+            g23 = tl.join(_group_weights(word, s2, PAIR2), _group_weights(word, s3, PAIR3))
+            g45 = tl.join(_group_weights(word, s4, PAIR4), _group_weights(word, s5, PAIR5))
+            g67 = tl.join(_group_weights(word, s6, PAIR6), _group_weights(word, s7, PAIR7))
+            g = tl.join(tl.join(g01, g23), tl.join(g45, g67))  # [BN, w, group bit 0, bit 1, bit 2]
+            weights = tl.reshape(tl.permute(g, (0, 4, 3, 2, 1)), (BN, SUPER_K))
+            acc = tl.dot(weights, tl.load(x_t + kk[:, None], mask=t_ok[None, :], other=0.0), acc)
         else:  # the CPU interpreter (no inline PTX, no bf16 dot): fp32, each element from its word
             for i in tl.static_range(8):
-                xi = tl.load(x + 16 * i, mask=r_ok[:, None], other=0.0).to(tl.float32)
-                word = tl.load(w_ptr + w_off[None, :] + sc * TILE_WORDS + (w[:, None] // 2) * 2 + i // 4,
-                               mask=n_mask[None, :], other=0)
+                word = tl.load(w_ptr + w_off[:, None] + sc * TILE_WORDS + (w[None, :] // 2) * 2 + i // 4,
+                               mask=n_mask[:, None], other=0)
                 lo, hi = field_f32(word.to(tl.uint32, bitcast=True), i % 4)
                 s = scale_f32(s03 if i < 4 else s47, i % 4) * (1 / WEIGHT_F)
-                acc = tl.dot(xi, tl.where(w[:, None] % 2 == 0, lo, hi) * s[None, :], acc, input_precision="ieee")
-    ok = r_ok[:, None] & n_mask[None, :]
+                xi = tl.load(x_t + 16 * i + w[:, None], mask=t_ok[None, :], other=0.0).to(tl.float32)
+                acc = tl.dot(tl.where(w[None, :] % 2 == 0, lo, hi) * s[:, None], xi, acc, input_precision="ieee")
+    ok = n_mask[:, None] & t_ok[None, :]
     if SPLIT > 1:
-        part = part_ptr + rows[:, None] * N + offs_n[None, :]
+        part = part_ptr + toks[None, :] * N + offs_n[:, None]
         tl.store(part + pid_k * M * N, acc, mask=ok)
         tl.debug_barrier()  # every thread's partial stored before the arrival is counted
         # acq_rel at GPU scope: our partials are released with the count, the last program acquires all
         arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT - 1:
-            acc = tl.zeros((16, BN), dtype=tl.float32)
+            acc = tl.zeros((BN, MT), dtype=tl.float32)
             for j in tl.static_range(SPLIT):  # K order, whichever range finished last: deterministic
                 acc += tl.load(part + j * M * N, mask=ok, other=0.0, cache_modifier=".cg")
             tl.store(count_ptr + tl.program_id(0), 0)  # ready for the next call
-            _finish(acc, gs_ptr, bias_ptr, c_ptr, rows, offs_n, n_mask, ok, stride_cm, HAS_BIAS)
+            _finish(acc, gs_ptr, bias_ptr, c_ptr, toks, offs_n, n_mask, ok, stride_cm, HAS_BIAS)
     else:
-        _finish(acc, gs_ptr, bias_ptr, c_ptr, rows, offs_n, n_mask, ok, stride_cm, HAS_BIAS)
+        _finish(acc, gs_ptr, bias_ptr, c_ptr, toks, offs_n, n_mask, ok, stride_cm, HAS_BIAS)
 
 
 @triton.jit
-def _finish(acc, gs_ptr, bias_ptr, c_ptr, rows, offs_n, n_mask, ok, stride_cm, HAS_BIAS: tl.constexpr):
-    """The full K sum -> times the global scale, plus bias, cast and stored."""
+def _finish(acc, gs_ptr, bias_ptr, c_ptr, toks, offs_n, n_mask, ok, stride_cm, HAS_BIAS: tl.constexpr):
+    """The full K sum [BN, MT] -> times the global scale, plus bias, cast and stored transposed."""
     acc = acc * (tl.load(gs_ptr) * WEIGHT_F)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=ok)
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(c_ptr + toks[None, :] * stride_cm + offs_n[:, None], acc.to(c_ptr.dtype.element_ty), mask=ok)
 
 
-def split_for(programs: int, n_sc: int, sms: int, per_sm: float) -> int:
-    """K ranges per output tile: about per_sm programs per SM in all, each range keeping at least 3
-    superchunks, at most 16 ranges."""
-    return max(1, min(round(per_sm * sms / programs), n_sc // 3, 16))
+def split_for(tiles: int, n_sc: int, sms: int, k: int) -> int:
+    """K ranges per column tile: enough for about 2.9 programs per SM and ranges of at most 8
+    superchunks (6 for K > 6144), each range keeping at least 3 superchunks, at most 16 ranges."""
+    longest = 6 if k > 6144 else 8
+    want = max(-(-n_sc // longest), -(-29 * sms // (10 * tiles)))
+    return max(1, min(want, n_sc // 3, 16))
 
 
 def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
     """The tile and K split for this shape, fixed from timings of every tile and split on the FLUX
     shapes (BENCHMARKS.md, section 2) rather than by Triton's autotuner: for these
     few-microsecond kernels its picks differed between runs on the same card, and its per-call
-    bookkeeping costs host time. 256 rows per program for N >= 16384, else 128, 3-deep prefetch;
-    K split to about 1.6 programs per SM, 2.9 for K > 6144 (12288 and 15360 -> 3072: 16 ranges of
-    6-8 superchunks beat 8 of 12-15 by 2-20%; on K = 3072 more splits cost more partial sums than
-    they hide latency)."""
-    bn = 256 if n >= 16384 else 128
-    cfg = next(c for c in CONFIGS if c["BN"] == bn and c["num_stages"] == 3)
-    return cfg, split_for(triton.cdiv(n, bn), k // SUPER, sms, 2.9 if k > 6144 else 1.6)
+    bookkeeping costs host time. 64 rows per program on 2 warps, 3-deep prefetch, for every M and
+    shape (within 2% of the best tile on the wide layers, 2-6% on 3072 x 3072); split_for's K
+    ranges: 8 on 3072 x 3072, 3 on 3072 -> 9216 and 18432, 16 on 12288 -> 3072."""
+    cfg = CONFIGS[0]
+    return cfg, split_for(triton.cdiv(n, cfg["BN"]), k // SUPER, sms, k)
 
 
 @functools.lru_cache(maxsize=None)
@@ -432,7 +448,7 @@ def _small_m_launch(x2d, packed_w4a16, scale_w4a16, global_scale, bias, out, con
     return Launch(_small_m_kernel, (tiles, split),
                   (x2d, _words(packed_w4a16), _words(scale_w4a16), global_scale.reshape(1).float(),
                    bias if bias is not None else x2d, out, parts, counts, m, n, k, x2d.stride(0), out.stride(0)),
-                  dict(HAS_BIAS=bias is not None, SPLIT=split, ASM=not x2d.is_cpu, **config))
+                  dict(HAS_BIAS=bias is not None, SPLIT=split, MT=token_tile(m), ASM=not x2d.is_cpu, **config))
 
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}

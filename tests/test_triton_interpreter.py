@@ -148,13 +148,23 @@ def test_act_quant_scales_are_row_amax_over_448():
 @pytest.mark.parametrize("n,k", [(18432, 3072), (9216, 3072), (3072, 3072), (3072, 12288), (64, 15360), (200, 128)])
 def test_w4a16_choice_is_a_tile_that_can_run_m_rows(n, k):
     sms = 132
+    n_sc = k // 128
     for m in range(1, triton_w4a16.SMALL_M_MAX + 1):
         tile, split = triton_w4a16.choose(m, n, k, sms)
         assert tile in triton_w4a16.CONFIGS, (m, tile)
         programs = -(-n // tile["BN"])
-        assert 1 <= split <= 16 and (split == 1 or k // 128 // split >= 3), (m, split)
-        if split > 1:  # split to fill the GPU, not past ~1.6 programs per SM (2.9 for long K)
-            assert programs * split <= (2.9 if k > 6144 else 1.6) * sms + programs, (m, programs, split)
+        assert 1 <= split <= 16 and (split == 1 or n_sc // split >= 3), (m, split)
+        # ranges of at most 8 superchunks (6 for long K) and about 2.9 programs per SM, unless a
+        # range would get fewer than 3 superchunks or there would be more than 16 ranges
+        longest = 6 if k > 6144 else 8
+        if split < min(16, n_sc // 3):
+            assert -(-n_sc // split) <= longest and programs * split >= 2.9 * sms, (m, programs, split)
+        if split > 1:  # no more than needed for either
+            fewer = split - 1
+            assert -(-n_sc // fewer) > longest or programs * fewer < 2.9 * sms, (m, programs, split)
+    tile = triton_w4a16.token_tile
+    assert tile(1, narrow=True) == tile(8, narrow=True) == 8 and tile(9, narrow=True) == 16
+    assert tile(1, narrow=False) == tile(8, narrow=False) == 16  # Triton < 3.5: no dot under 16 wide
 
 
 @pytest.mark.parametrize("n,k", [(37, 384), (64, 128), (5, 256)])

@@ -142,6 +142,20 @@ def fused_launches() -> list[Launch]:
     return launches
 
 
+def check_decode_in_registers(ttgir: str) -> None:
+    """The small-M w4a16 kernel's K loop moves nothing between layouts and stores nothing to shared
+    memory itself (only the pipeliner's async copies fill it): its decoded weights go from the
+    words' registers straight into the MMA (the kernel's speed rests on this). Checked from
+    Triton 3.5 on; 3.3 does not pipeline the activations' load and stores them in the loop."""
+    if not triton_w4a16.NARROW_DOT:
+        return
+    loop = ttgir[ttgir.index("scf.for"):]
+    loop = loop[:loop.index("scf.yield")]
+    moves = {op: loop.count(op) for op in ("ttg.convert_layout", "ttg.local_alloc", "ttg.local_store")}
+    if any(moves.values()):
+        raise RuntimeError(f"the K loop moves data between layouts or into shared memory: {moves}")
+
+
 def main(archs: list[int]) -> int:
     """Every launch for the newest arch asked for; for the others, each group's first three (its
     first layer's preparation), which is where an arch-specific instruction would show."""
@@ -158,6 +172,8 @@ def main(archs: list[int]) -> int:
                     if kernel.metadata.shared > SHARED_LIMIT:
                         raise RuntimeError(f"needs {kernel.metadata.shared} bytes of shared memory, SM 8.6 / 8.9 "
                                            f"GPUs have {SHARED_LIMIT}")
+                    if jit_function(launch.kernel) is triton_w4a16._small_m_kernel:
+                        check_decode_in_registers(kernel.asm["ttgir"])
                     compiled += 1
                 except Exception as e:  # report every failure, then fail
                     failed += 1
