@@ -7,18 +7,18 @@ small-M (M <= SMALL_M_MAX: the modulation GEMMs at batch M, the time/guidance/ve
   y = x @ dequant(W).T + bias on tensor cores, computed transposed (W x^T): the decoded weights
   are the MMA's A operand [BN, 128] per superchunk, straight from registers, the activations its
   B operand x^T [128, MT] (MT = 8 tokens up to M = 8, the m16n8k16 MMA's N, else 16; tiles of 4
-  warps become wgmma with A from registers on SM 9.0), so few tokens waste little of each MMA and the weight is read
-  once as 4-bit codes + 1-byte scales (0.56 bytes per weight instead of bf16's 2). Decoding one
-  register of a group's weights (two weights of one row) is a rotate, a mask and one bf16x2
-  multiply by the group's scale (`pair_bf16`, inline PTX on the register pair of words 2p,
-  2p + 1): e2m1 * scale / 2^20, exact, so the products accumulate straight into the fp32
-  accumulator. Triton keeps the decode in registers: the words go from its pipelined
+  warps become wgmma with A from registers on SM 9.0), so few tokens waste little of each MMA,
+  and the weight is read once as 4-bit codes + 1-byte scales (0.56 bytes per weight instead of
+  bf16's 2). Decoding one register of a group's weights (two weights of one row) is a rotate, a
+  mask and one bf16x2 multiply by the group's scale (`pair_bf16`, inline PTX on the register pair
+  of words 2p, 2p + 1): e2m1 * scale / 2^20, exact, so the products accumulate straight into the
+  fp32 accumulator. Triton keeps the decode in registers: the words go from its pipelined
   shared-memory buffer into the operand layout, the 8 decoded groups are joined along K without
-  moving (checked in the Triton 3.6 TTGIR for sm_90), no decoded weight goes through shared
-  memory. K is split when N alone gives too few programs: each K range stores its fp32 partial
-  sums in a workspace and the last range of a column tile to finish (a per-tile arrival counter)
-  adds them up in K order and writes the output, so a call is one launch (no zeroing, no atomics
-  per output, no copy) and its result deterministic.
+  moving (checked in the Triton 3.6 TTGIR for sm_90, and by tests/triton_compile_all.py), no
+  decoded weight goes through shared memory. K is split when N alone gives too few programs:
+  each K range stores its fp32 partial sums in a workspace and the last range of a column tile
+  to finish (a per-tile arrival counter) adds them up in K order and writes the output, so a
+  call is one launch (no zeroing, no atomics per output, no copy) and its result deterministic.
 decode: the layer's weight decoded to a transient bf16/fp16 [N, K] buffer in one pass (read
   0.56 B, write 2 B per weight), for cuBLAS to multiply at large M where the GEMM is
   compute-bound and a decoding GEMM loses (the in-kernel decode measured 0.27x bf16 at M=4096).
@@ -292,8 +292,8 @@ def _decode_launch(packed_w4a16, scale_w4a16, global_scale, out) -> Launch:
 
 # Every small-M tile the kernel has (tests run them all, choose() picks one per shape): BN weight
 # rows (whole stored tiles of 32) x one superchunk per iteration, num_stages-deep prefetch, the
-# warps split over the rows (16 or 64 rows a warp or warpgroup: 2 warps suit BN 32-64, 4 warps
-# BN 128-256). The token tile (8 or 16 rows) follows M, not the config.
+# warps split over the rows (2 warps suit BN 32-64, 4 warps BN 64-128; 8 warps and 256 rows were
+# 7-41% slower). The token tile (8 or 16 rows) follows M, not the config.
 CONFIGS = [dict(BN=bn, num_warps=nw, num_stages=st)
            for bn, nw, st in [(64, 2, 3), (32, 2, 4), (64, 4, 3), (128, 4, 3), (128, 4, 4)]]
 
@@ -399,7 +399,7 @@ def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
     shapes (BENCHMARKS.md, section 2) rather than by Triton's autotuner: for these
     few-microsecond kernels its picks differed between runs on the same card, and its per-call
     bookkeeping costs host time. 64 rows per program on 2 warps, 3-deep prefetch, for every M and
-    shape (within 2% of the best tile on the wide layers, 2-6% on 3072 x 3072); split_for's K
+    shape (within 2.2% of the best tile on the wide layers, 2-12% on 3072 x 3072); split_for's K
     ranges: 8 on 3072 x 3072, 3 on 3072 -> 9216 and 18432, 16 on 12288 -> 3072."""
     cfg = CONFIGS[0]
     return cfg, split_for(triton.cdiv(n, cfg["BN"]), k // SUPER, sms, k)
