@@ -154,14 +154,13 @@ def test_w4a16_choice_is_a_tile_that_can_run_m_rows(n, k):
         assert tile in triton_w4a16.CONFIGS, (m, tile)
         programs = -(-n // tile["BN"])
         assert 1 <= split <= 16 and (split == 1 or n_sc // split >= 3), (m, split)
-        # ranges of at most 8 superchunks (6 for long K) and about 2.9 programs per SM, unless a
-        # range would get fewer than 3 superchunks or there would be more than 16 ranges
-        longest = 6 if k > 6144 else 8
+        assert (tile, split) == triton_w4a16.choose(1, n, k, sms), m  # the one compile_ahead builds
+        # the fewest ranges giving 5.5 programs per SM, unless a range would get fewer than 3
+        # superchunks or there would be more than 16 ranges
         if split < min(16, n_sc // 3):
-            assert -(-n_sc // split) <= longest and programs * split >= 2.9 * sms, (m, programs, split)
-        if split > 1:  # no more than needed for either
-            fewer = split - 1
-            assert -(-n_sc // fewer) > longest or programs * fewer < 2.9 * sms, (m, programs, split)
+            assert programs * split >= 5.5 * sms, (m, programs, split)
+        if split > 1:
+            assert programs * (split - 1) < 5.5 * sms, (m, programs, split)
     tile = triton_w4a16.token_tile
     assert tile(1, narrow=True) == tile(8, narrow=True) == 8 and tile(9, narrow=True) == 16
     assert tile(1, narrow=False) == tile(8, narrow=False) == 16  # Triton < 3.5: no dot under 16 wide
