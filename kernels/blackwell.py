@@ -23,6 +23,7 @@ from .act_quant import activation_scale
 from .blackwell_layout import CUDNN, CUTLASS, TRTLLM, padded_dims, prepare_weight
 from .portable import bias_of
 from .registry import Backend, register
+from .versions import release
 
 # FlashInfer's requirement decorators (flashinfer 0.7.2 gemm_base.py), as compute capability ints.
 SUPPORTED_CC = {CUDNN: {100, 103, 107, 110, 120, 121}, CUTLASS: {100, 103, 107, 110, 120, 121},
@@ -76,14 +77,6 @@ def use_ops(ops):
         _OPS = old
 
 
-def _version_tuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
-
 def _has_jit_toolchain() -> tuple[bool, str]:
     """fp4_quantize (and the cutlass GEMM) are JIT-compiled unless a jit cache is installed."""
     if importlib.util.find_spec("flashinfer_jit_cache") is not None:
@@ -103,7 +96,7 @@ def _cubins_available() -> tuple[bool, str]:
         cubin_v = importlib.metadata.version("flashinfer-cubin")
     except importlib.metadata.PackageNotFoundError:
         cubin_v = None
-    if cubin_v is not None and fi_v is not None and _version_tuple(cubin_v) == _version_tuple(fi_v):
+    if cubin_v is not None and fi_v is not None and release(cubin_v) == release(fi_v):
         return True, ""
     if os.environ.get("NVFP4_ALLOW_CUBIN_DOWNLOAD") == "1":
         return True, ""
@@ -117,7 +110,7 @@ def _cudnn_ok() -> tuple[bool, str]:
         import cudnn  # nvidia-cudnn-frontend
     except ImportError:
         return False, "needs nvidia-cudnn-frontend >= 1.13 (pip install nvidia-cudnn-frontend)"
-    fe = _version_tuple(getattr(cudnn, "__version__", "0"))
+    fe = release(getattr(cudnn, "__version__", "0"))
     if fe[:2] < MIN_CUDNN_FRONTEND:
         return False, f"needs cudnn-frontend >= 1.13, found {cudnn.__version__}"
     try:

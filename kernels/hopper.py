@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 
 import torch
 
 from .portable import bias_of, dequant_fp8
 from .registry import Backend, KernelsAhead, register
 from .transfer import to_device
+from .versions import release
 from .w4a16_layout import SUPER, w4a16_pack
 
 log = logging.getLogger("comfyui_nvfp4")
@@ -84,8 +84,7 @@ def _triton_ok(version: str | None = None) -> tuple[bool, str]:
             return False, "needs Triton (it ships with PyTorch's CUDA wheels on Linux)"
         import triton
         version = triton.__version__
-    found = re.match(r"(\d+)\.(\d+)", version)
-    if found is None or tuple(int(v) for v in found.groups()) < TRITON_MIN:
+    if release(version)[:2] < TRITON_MIN:
         return False, (f"needs Triton >= {TRITON_MIN[0]}.{TRITON_MIN[1]}, this install has {version} "
                        "(PyTorch >= 2.7 ships it)")
     return True, ""

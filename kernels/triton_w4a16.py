@@ -29,13 +29,13 @@ preparation_launches: the variants preparing a model's layers runs (pack, decode
 from __future__ import annotations
 
 import functools
-import re
 
 import torch
 import triton
 import triton.language as tl
 
 from .triton_common import LayerShape, Launch
+from .versions import release
 from .w4a16_layout import (ROTATION, SCALE_BIAS, SCALE_EXP, SCALE_SHIFT, SUPER, TARGET_BIT, TILE_ROWS,
                            WEIGHT_FACTOR, check_packable, padded_rows)
 
@@ -299,7 +299,7 @@ CONFIGS = [dict(BN=bn, num_warps=nw, num_stages=st)
 
 # Dots 8 wide: Triton's NVIDIA backend takes them from 3.5 on (its min_dot_size); 3.3 and 3.4
 # refuse any dot dimension under 16.
-NARROW_DOT = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 5)
+NARROW_DOT = release(triton.__version__)[:2] >= (3, 5)
 
 
 def token_tile(m: int, narrow: bool = NARROW_DOT) -> int:
