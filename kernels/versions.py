@@ -1,14 +1,11 @@
 """Installed packages' version strings as comparable release tuples (no package imported here)."""
 from __future__ import annotations
 
+import re
+
 
 def release(version: str) -> tuple[int, ...]:
-    """'3.3.1.post19' -> (3, 3, 1): the first three dot-separated parts, each read as all the
-    digits it holds (0 where it holds none: 'unknown' -> (0,); '0+git12' reads 12). Releases put
-    their suffixes after the third part (triton-windows' 3.3.1.post19), so the major and minor
-    parts the version checks compare come out right."""
-    out = []
-    for part in version.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
+    """'3.3.1.post19' -> (3, 3, 1): the first three dot-separated parts, each read as the number it
+    starts with (0 where it starts with none: 'unknown' -> (0,)), so local and pre-release tails
+    ('2.11.0+cu130', '1.13.0rc1') drop off and triton-windows' fourth part (.post19) is never read."""
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split(".")[:3])
