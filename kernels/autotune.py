@@ -1,11 +1,19 @@
 """`auto`: pick the fastest available backend for each distinct GEMM shape, by measurement.
 
 At first use every available backend (never `emulate`) is timed on each distinct (N, K) of the
-model's NVFP4 layers, at a few token counts (M), on random data; the winner per shape is cached
-on disk per GPU name and library versions, and reused. The table is shown to the user.
+model's NVFP4 layers, on random data, at the token counts (M) that kind of layer meets: the layers
+fed the conditioning vector (modulation, time/guidance/text-vector embedders) at 1 and 16 rows
+(one per image in the batch), all others at 512 and 4096 (text and image tokens at 1024x1024).
+So one shape can get two winners: FLUX.1's 3072 -> 9216 is both a double block's qkv (tokens)
+and a single block's modulation (one row). A call costs the larger of its GPU time (L2 emptied
+before it, as inside a model step) and its host time (ComfyUI runs eagerly). The winners are
+cached on disk per GPU name, library versions and this plugin's kernel sources, and reused. The
+table is shown to the user.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -14,14 +22,23 @@ from pathlib import Path
 
 import torch
 
-from ..quant import nvfp4
+from ..quant import names, nvfp4
 from ..quant.layers import NVFP4Linear
 from . import env_override, registry
 from .module import NVFP4LinearModule
 
 log = logging.getLogger("comfyui_nvfp4")
-TOKEN_COUNTS = (1, 512, 4096)  # modulation GEMMs, text tokens, image tokens at 1024x1024
+TOKENS, VECTOR = "tokens", "vector"
+# the rows each kind of layer is timed at (summed): a vector-fed layer's M is the batch size
+TOKEN_COUNTS = {TOKENS: (512, 4096), VECTOR: (1, 16)}
 _memory: dict[str, dict] = {}
+# ~10 ms at 2 GHz: the host queues all timed calls of a shape before the GPU reaches the first
+SLEEP_CYCLES = 20_000_000
+
+
+def regime(module) -> str:
+    """VECTOR for a layer fed the conditioning vector (by its ComfyUI name), else TOKENS."""
+    return VECTOR if names.vector_fed(getattr(module, "layer_name", "") or "") else TOKENS
 
 
 def cache_path() -> Path:
@@ -45,7 +62,18 @@ def device_key(device: torch.device) -> str:
         except md.PackageNotFoundError:
             return "none"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{name}|torch {torch.__version__}|flashinfer {ver('flashinfer-python')}|triton {ver('triton')}"
+    return (f"{name}|torch {torch.__version__}|flashinfer {ver('flashinfer-python')}|triton {ver('triton')}"
+            f"|kernels {kernels_digest()}")
+
+
+@functools.lru_cache(maxsize=1)
+def kernels_digest() -> str:
+    """A hash of this package's kernels/ sources: an update that changes a kernel (or how it is
+    timed) makes `auto` measure again instead of reusing winners timed on the old code."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _load_disk() -> dict:
@@ -64,18 +92,39 @@ def _save_disk(data: dict) -> None:
     os.replace(tmp, p)
 
 
-def _time(fn, device, reps: int = 10) -> float:
+def l2_flush_buffer(device: torch.device) -> torch.Tensor | None:
+    """Bytes to overwrite before each timed call: twice the GPU's L2 (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
+    return torch.empty(2 * l2, dtype=torch.uint8, device=device)
+
+
+def _time(fn, device, reps: int = 10, flush: torch.Tensor | None = None) -> float:
+    """ms one call costs in a stream of calls: CUDA, the larger of its GPU time and its host time
+    (medians of `reps` calls). GPU time: each call bracketed by its own events with `flush`
+    overwritten before it (a step leaves L2 full of other data, and a 4-bit layer that fits L2
+    must not be timed from it), all queued behind a GPU sleep so the host's launches do not stretch
+    it. Host time: what issuing the call costs the CPU (ComfyUI runs eagerly; where a call's host
+    side is longer than its GPU work, as for small-M calls, the host is what a step waits for)."""
     for _ in range(2):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        host = []
+        torch.cuda._sleep(SLEEP_CYCLES)
+        for start, end in events:
+            if flush is not None:
+                flush.fill_(1)
+            start.record()
+            t0 = time.perf_counter()
             fn()
-        end.record()
+            host.append((time.perf_counter() - t0) * 1000)
+            end.record()
         torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / reps
+        gpu = sorted(start.elapsed_time(end) for start, end in events)
+        return max(gpu[len(gpu) // 2], sorted(host)[len(host) // 2])
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
@@ -83,7 +132,7 @@ def _time(fn, device, reps: int = 10) -> float:
 
 
 def measure_shape(n: int, k: int, backends: list[registry.Backend], device: torch.device,
-                  token_counts=TOKEN_COUNTS, dtype=torch.bfloat16) -> dict[str, float]:
+                  token_counts=TOKEN_COUNTS[TOKENS], dtype=torch.bfloat16) -> dict[str, float]:
     """Total ms over `token_counts` for each backend on a random NVFP4 layer of shape (n, k)."""
     g = torch.Generator().manual_seed(n * 31 + k)
     w = nvfp4.quantize(torch.randn(n, k, generator=g) / k ** 0.5)
@@ -94,6 +143,7 @@ def measure_shape(n: int, k: int, backends: list[registry.Backend], device: torc
         if b.prepares:
             mod.set_prepared(b.name, b.prepare(mod))
     mod.to(device)
+    flush = l2_flush_buffer(device)
     out = {}
     for b in backends:
         xs = [torch.randn(m, k, generator=g).to(device=device, dtype=dtype) for m in token_counts]
@@ -104,7 +154,7 @@ def measure_shape(n: int, k: int, backends: list[registry.Backend], device: torc
             with flashinfer_tuning(flashinfer_cache_path(), tune=True):
                 for x in xs:
                     b.run(mod, x)
-        out[b.name] = sum(_time(lambda: b.run(mod, x), device) for x in xs)
+        out[b.name] = sum(_time(lambda: b.run(mod, x), device, flush=flush) for x in xs)
     return out
 
 
@@ -140,9 +190,11 @@ def auto_candidates(device: torch.device, dtype=None) -> list[registry.Backend]:
     return out
 
 
-def choose(shapes: set[tuple[int, int]], device: torch.device, candidates: list[registry.Backend] | None = None,
-           measure=measure_shape) -> dict[tuple[int, int], dict]:
-    """{(n, k): {"winner": name, "ms": {backend: ms}, "source": "measured"|"cache"|"only"}}."""
+def choose(shapes: set[tuple[int, int, str]], device: torch.device, candidates: list[registry.Backend] | None = None,
+           measure=measure_shape) -> dict[tuple[int, int, str], dict]:
+    """{(n, k, regime): {"winner": name, "ms": {backend: ms}, "source": "measured"|"cache"|"only"}}
+    for the (N, K, TOKENS | VECTOR) of the layers (`regime`). `measure(n, k, backends, device,
+    token_counts)` times them where nothing is cached."""
     if candidates is None:
         candidates = auto_candidates(device)
     if not candidates:
@@ -151,13 +203,15 @@ def choose(shapes: set[tuple[int, int]], device: torch.device, candidates: list[
     disk = _load_disk()
     table = _memory.setdefault(dkey, dict(disk.get(dkey, {})))
     result, changed = {}, False
-    for n, k in sorted(shapes):
-        key = f"{n}x{k}"
+    for n, k, kind in sorted(shapes):
+        if kind not in TOKEN_COUNTS:
+            raise ValueError(f"auto: unknown layer kind {kind!r} for {n}x{k} (expected one of {sorted(TOKEN_COUNTS)})")
+        key = f"{n}x{k} {kind}"
         if len(candidates) == 1:
-            result[(n, k)] = {"winner": candidates[0].name, "ms": {}, "source": "only"}
+            result[(n, k, kind)] = {"winner": candidates[0].name, "ms": {}, "source": "only"}
             continue
         if key not in table:
-            ms = measure(n, k, candidates, device)
+            ms = measure(n, k, candidates, device, TOKEN_COUNTS[kind])
             table[key] = {"winner": min(ms, key=ms.get), "ms": ms}
             changed = True
             log.info("NVFP4 auto: %s -> %s (%s)", key, table[key]["winner"],
@@ -165,7 +219,7 @@ def choose(shapes: set[tuple[int, int]], device: torch.device, candidates: list[
             source = "measured"
         else:
             source = "cache"
-        result[(n, k)] = {**table[key], "source": source}
+        result[(n, k, kind)] = {**table[key], "source": source}
     if changed:
         disk[dkey] = table
         _save_disk(disk)
@@ -176,7 +230,8 @@ def choose(shapes: set[tuple[int, int]], device: torch.device, candidates: list[
 
 def format_table(result: dict) -> str:
     lines = []
-    for (n, k), r in sorted(result.items()):
+    for (n, k, kind), r in sorted(result.items()):
         times = ", ".join(f"{b} {t:.3f}" for b, t in sorted(r["ms"].items(), key=lambda kv: kv[1]))
-        lines.append(f"{n}x{k}: {r['winner']} ({r['source']}{'; ms ' + times if times else ''})")
+        rows = "+".join(str(m) for m in TOKEN_COUNTS[kind])
+        lines.append(f"{n}x{k} {kind} (M={rows}): {r['winner']} ({r['source']}{'; ms ' + times if times else ''})")
     return "\n".join(lines)

@@ -197,6 +197,23 @@ def name_map_for_keys(keys: set[str], naming: str, arch: str) -> NameMap:
     return build_name_map(arch, depth, single, guidance, vector)
 
 
+# --- which linears run on the conditioning vector rather than on tokens ---
+
+# The layers whose input is the conditioning vector (time, guidance, pooled text): one row per
+# image in the batch, whatever the resolution. Every other linear runs on the text and image
+# tokens (hundreds to thousands of rows).
+VECTOR_FED = (
+    "double_blocks.*.img_mod.lin", "double_blocks.*.txt_mod.lin", "single_blocks.*.modulation.lin",  # FLUX.1
+    "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",  # FLUX.2
+    "final_layer.adaLN_modulation.1", "time_in.*", "guidance_in.*", "vector_in.*",
+)
+
+
+def vector_fed(name: str) -> bool:
+    """Whether the ComfyUI linear `name` runs on the conditioning vector (M = the batch size)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in VECTOR_FED)
+
+
 # --- ModelOpt's default FLUX exclusions, and user patterns ---
 
 DEFAULT_EXCLUDE = (

@@ -43,14 +43,14 @@ def test_env_override_change_clears_auto_decisions(monkeypatch, tmp_path):
     monkeypatch.setenv("NVFP4_CACHE_DIR", str(tmp_path))
     calls = []
 
-    def measure(n, k, backends, device):
+    def measure(n, k, backends, device, token_counts):
         calls.append((n, k))
         return {b.name: float(i + 1) for i, b in enumerate(backends)}
 
     cands = [registry.get("dequant"), registry.get("emulate")]
     monkeypatch.setenv(env_override.ENV_VAR, "auto")
     env_override.read(registry.names())
-    autotune.choose({(64, 64)}, CPU, cands, measure)
+    autotune.choose({(64, 64, autotune.TOKENS)}, CPU, cands, measure)
     assert autotune._memory
     monkeypatch.setenv(env_override.ENV_VAR, "dequant")
     env_override.read(registry.names())
@@ -63,29 +63,80 @@ def test_autotune_measures_real_backends_then_reuses_disk_cache(monkeypatch, tmp
     cands = [registry.get("dequant"), registry.get("emulate")]  # both really run on the CPU
     timed = []
 
-    def measure(n, k, backends, device):
-        timed.append((n, k))
-        return autotune.measure_shape(n, k, backends, device, token_counts=(1, 8))
+    def measure(n, k, backends, device, token_counts):
+        timed.append((n, k, token_counts))
+        return autotune.measure_shape(n, k, backends, device, token_counts=tuple(min(t, 32) for t in token_counts))
 
-    r = autotune.choose({(64, 64), (128, 64)}, CPU, cands, measure)
-    assert sorted(timed) == [(64, 64), (128, 64)]
+    # one shape met by token layers and by a vector-fed layer (FLUX.1's 3072 -> 9216), one other
+    shapes = {(64, 64, autotune.TOKENS), (64, 64, autotune.VECTOR), (128, 64, autotune.TOKENS)}
+    r = autotune.choose(shapes, CPU, cands, measure)
+    # each kind timed at its own rows: token layers at text/image token counts, vector ones at batch sizes
+    assert sorted(timed) == [(64, 64, (1, 16)), (64, 64, (512, 4096)), (128, 64, (512, 4096))]
+    assert set(r) == shapes
     for v in r.values():
         assert v["source"] == "measured" and v["winner"] == min(v["ms"], key=v["ms"].get)
         assert set(v["ms"]) == {"dequant", "emulate"}
     disk = json.loads((tmp_path / "autotune.json").read_text())
     (key,) = disk
     assert key.startswith("cpu|torch ") and "flashinfer" in key and key.endswith("dequant,emulate")
+    assert f"|kernels {autotune.kernels_digest()}|" in key  # a kernel update measures again
+    assert set(disk[key]) == {"64x64 tokens", "64x64 vector", "128x64 tokens"}
     autotune.clear_memory()  # a new process: decisions come back from disk, nothing is timed
-    r2 = autotune.choose({(64, 64), (128, 64)}, CPU, cands, measure)
-    assert len(timed) == 2 and all(v["source"] == "cache" for v in r2.values())
+    r2 = autotune.choose(shapes, CPU, cands, measure)
+    assert len(timed) == 3 and all(v["source"] == "cache" for v in r2.values())
     assert {k: v["winner"] for k, v in r2.items()} == {k: v["winner"] for k, v in r.items()}
-    assert "64x64:" in autotune.format_table(r2)
+    table = autotune.format_table(r2)
+    assert "64x64 tokens (M=512+4096):" in table and "64x64 vector (M=1+16):" in table
+    with pytest.raises(ValueError, match="unknown layer kind 'batch' for 64x64"):
+        autotune.choose({(64, 64, "batch")}, CPU, cands, measure)
+
+
+def test_kernels_digest_follows_the_kernel_sources(monkeypatch, tmp_path):
+    """The cache key's kernel hash covers every kernels/ source: change one byte, get a new hash."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(autotune.__file__).parent
+    copy = tmp_path / "kernels"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(autotune, "__file__", str(copy / "autotune.py"))
+    autotune.kernels_digest.cache_clear()
+    try:
+        same = autotune.kernels_digest()
+        (copy / "triton_w4a16.py").write_text((copy / "triton_w4a16.py").read_text() + "\n# changed\n")
+        autotune.kernels_digest.cache_clear()
+        changed = autotune.kernels_digest()
+    finally:
+        monkeypatch.undo()
+        autotune.kernels_digest.cache_clear()
+    assert same == autotune.kernels_digest() != changed
 
 
 def test_auto_on_cpu_is_dequant_without_timing(monkeypatch, tmp_path):
     monkeypatch.setenv("NVFP4_CACHE_DIR", str(tmp_path))
-    r = autotune.choose({(64, 64)}, CPU, measure=lambda *a: pytest.fail("nothing to time"))
-    assert r[(64, 64)] == {"winner": "dequant", "ms": {}, "source": "only"}
+    r = autotune.choose({(64, 64, autotune.VECTOR)}, CPU, measure=lambda *a: pytest.fail("nothing to time"))
+    assert r[(64, 64, autotune.VECTOR)] == {"winner": "dequant", "ms": {}, "source": "only"}
+
+
+def test_layers_fed_the_conditioning_vector_are_told_apart_by_name():
+    """`auto` times the modulation and embedder layers at batch-size rows and the others at
+    token counts: exactly these layers of FLUX.1 and FLUX.2 are vector-fed."""
+    from comfyui_nvfp4.quant import names
+
+    flux1 = names.build_name_map(names.FLUX1, 2, 2, has_guidance=True, has_vector=True).linears
+    flux2 = names.build_name_map(names.FLUX2, 2, 2, has_guidance=True, has_vector=False).linears
+    assert {n for n in flux1 if names.vector_fed(n)} == {
+        "double_blocks.0.img_mod.lin", "double_blocks.0.txt_mod.lin", "double_blocks.1.img_mod.lin",
+        "double_blocks.1.txt_mod.lin", "single_blocks.0.modulation.lin", "single_blocks.1.modulation.lin",
+        "final_layer.adaLN_modulation.1", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
+        "guidance_in.out_layer", "vector_in.in_layer", "vector_in.out_layer"}
+    assert {n for n in flux2 if names.vector_fed(n)} == {
+        "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+        "final_layer.adaLN_modulation.1", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
+        "guidance_in.out_layer"}
+    assert autotune.regime(mod(name="double_blocks.3.img_mod.lin")) == autotune.VECTOR
+    assert autotune.regime(mod(name="double_blocks.3.img_attn.qkv")) == autotune.TOKENS
+    assert autotune.regime(mod(name="")) == autotune.TOKENS  # a layer of unknown role: tokens
 
 
 def test_module_auto_dispatch_uses_its_own_choice():
