@@ -25,10 +25,13 @@ def compute_dtype(patcher):
     return getattr(m, "manual_cast_dtype", None) or m.get_dtype()
 
 
-def select(patcher, modules, choice: str, device):
+def select(patcher, modules, choice: str, device, fuse_blocks: bool = True):
     """(name active during sampling, module -> Backend, text about the choice) for the model's
     NVFP4 linear `modules`. Raises at selection time, never mid-sampling, when the choice cannot
-    run here."""
+    run here. Under `auto` each layer gets the winner timed for its shape and kind (token layers,
+    vector-fed layers); with `fuse_blocks`, the token layers of blocks that can run fused stay on
+    fp8 wherever fp8 can run: the fused block's saving (a third of the step, BENCHMARKS.md section
+    3) outweighs any per-GEMM difference, and one layer off fp8 unfuses its block."""
     override = env_override.read(registry.names())
     note = ""
     if override is not None and override != choice:
@@ -40,11 +43,22 @@ def select(patcher, modules, choice: str, device):
         getattr(backend, "check_dtype", lambda dtype: None)(compute_dtype(patcher))  # bf16/fp16-only GEMMs
         return backend.name, (lambda m: backend), f"{backend.name}{note}"
     quantized = [m for m in modules if m.format == "nvfp4"]
-    table = autotune.choose({(m.out_features, m.in_features) for m in quantized}, device,
-                            autotune.auto_candidates(device, compute_dtype(patcher)))
+    keys = {m: (m.out_features, m.in_features, autotune.regime(m)) for m in quantized}  # shape and rows it meets
+    candidates = autotune.auto_candidates(device, compute_dtype(patcher))
+    table = autotune.choose(set(keys.values()), device, candidates)
     for m in quantized:
-        m.auto_choice = table[(m.out_features, m.in_features)]["winner"]
-    return registry.AUTO, (lambda m: registry.get(m.auto_choice)), f"auto{note}:\n" + autotune.format_table(table)
+        m.auto_choice = table[keys[m]]["winner"]
+    text = f"auto{note}:\n" + autotune.format_table(table)
+    if fuse_blocks and any(b.name == fused_blocks.BACKEND for b in candidates):
+        blocks, _ = block_patches.fusable_blocks(patcher.model.diffusion_model, block_patches.taken_keys(patcher))
+        fused = [lin for kind, _, block in blocks for lin in fused_blocks.linears(block, kind)]
+        moved = sum(lin.auto_choice != fused_blocks.BACKEND for lin in fused)
+        for lin in fused:
+            lin.auto_choice = fused_blocks.BACKEND
+        if fused:
+            text += (f"\nfused blocks: their {len(fused)} token layers run {fused_blocks.BACKEND}"
+                     + (f" ({moved} of them timed faster on another backend alone)" if moved else ""))
+    return registry.AUTO, (lambda m: registry.get(m.auto_choice)), text
 
 
 def prepare(patcher, modules, backend_for, device) -> dict:
@@ -91,7 +105,7 @@ def apply_backend(patcher, choice: str, node_id: str | None = None, fuse_blocks:
     if not modules:
         raise ValueError("this MODEL has no NVFP4 layers: connect it to 'Load NVFP4 Diffusion Model'")
     device = comfy.model_management.get_torch_device()
-    active, backend_for, chosen = select(patcher, modules, choice, device)
+    active, backend_for, chosen = select(patcher, modules, choice, device, fuse_blocks)
     info = prepare(patcher, modules, backend_for, device)
     model = patcher.clone()
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)

@@ -43,26 +43,39 @@ def make_patch(block, kind: str, index: int):
     return patch
 
 
-def block_patches(diffusion_model, taken=()) -> tuple[dict, dict[str, int]]:
-    """({("double_block", i) | ("single_block", i): patch} for the model's FLUX.1 blocks,
-    {reason: count} of the blocks left alone). `taken`: keys another node already replaces."""
-    patches, skipped = {}, {}
+def fusable_blocks(diffusion_model, taken=()) -> tuple[list, dict[str, int]]:
+    """([(kind, i, block)] of the model's blocks the fused forward computes, {reason: count} of
+    the others). `taken`: the dit keys ("double_block", i) another node already replaces."""
+    blocks, skipped = [], {}
     for kind in ("double", "single"):
         for i, block in enumerate(getattr(diffusion_model, f"{kind}_blocks", [])):
-            key = (f"{kind}_block", i)
-            why = "replaced by another node" if key in taken else fused_blocks.unfusable_reason(block, kind)
+            why = ("replaced by another node" if (f"{kind}_block", i) in taken
+                   else fused_blocks.unfusable_reason(block, kind))
             if why:
                 skipped[why] = skipped.get(why, 0) + 1
             else:
-                patches[key] = make_patch(block, kind, i)
-    return patches, skipped
+                blocks.append((kind, i, block))
+    return blocks, skipped
+
+
+def taken_keys(patcher) -> set:
+    """The dit block keys other nodes replace on a ModelPatcher (ours, from an earlier Backend
+    node, do not count: a new one decides anew)."""
+    dit = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    return {k for k, fn in dit.items() if not getattr(fn, "nvfp4_fused", False)}
+
+
+def block_patches(diffusion_model, taken=()) -> tuple[dict, dict[str, int]]:
+    """({("double_block", i) | ("single_block", i): patch} for the model's FLUX.1 blocks,
+    {reason: count} of the blocks left alone). `taken`: keys another node already replaces."""
+    blocks, skipped = fusable_blocks(diffusion_model, taken)
+    return {(f"{kind}_block", i): make_patch(block, kind, i) for kind, i, block in blocks}, skipped
 
 
 def install(patcher) -> str:
     """Add the fused-block replacements to a (cloned) ModelPatcher; returns a line for the node's
     text. Blocks that are not FLUX.1 blocks, or that another node already replaces, are left alone."""
-    taken = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    patches, skipped = block_patches(patcher.model.diffusion_model, taken)
+    patches, skipped = block_patches(patcher.model.diffusion_model, taken_keys(patcher))
     for (name, i), patch in patches.items():
         patcher.set_model_patch_replace(patch, "dit", name, i)
     text = f"fused fp8 blocks: {len(patches)}"

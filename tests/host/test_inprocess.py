@@ -100,3 +100,86 @@ def test_stock_comfyui_dequantizes_our_comfy_files_exactly(comfy, tmp_path, arch
     assert checked >= 10
     if source != "quantized" and arch == names.FLUX1:
         assert rep.rescaled  # the only lossy step, measured and reported at conversion time
+
+
+
+def _tiny_model_with_auto_decisions(tmp_path, monkeypatch, arch, cands, fast):
+    """A tiny model through our loader, and `auto` decisions already on disk for its layers (as
+    an earlier run would leave them): `fast[kind]` wins each shape timed for that kind of layer."""
+    from comfyui_nvfp4.kernels import autotune
+    from comfyui_nvfp4.nodes import backend_apply
+    from comfyui_nvfp4.nodes.comfy_loading import load_nvfp4_model
+
+    monkeypatch.setenv("NVFP4_CACHE_DIR", str(tmp_path))
+    autotune.clear_memory()
+    bf = tmp_path / "bf.safetensors"
+    write_synthetic(bf, FluxDims.tiny(arch), seed=5)
+    ck = tmp_path / "q.safetensors"
+    quantize_checkpoint(bf, "comfy", ck, progress=False)
+    patcher = load_nvfp4_model(ck, "bf16")
+    monkeypatch.setattr(autotune, "auto_candidates", lambda device, dtype=None: cands)
+    quantized = [m for m in backend_apply.nvfp4_modules(patcher) if m.format == "nvfp4"]
+
+    def measure(n, k, backends, device, token_counts):
+        kind = autotune.VECTOR if token_counts == autotune.TOKEN_COUNTS[autotune.VECTOR] else autotune.TOKENS
+        return {b.name: 1.0 if b.name == fast[kind] else 2.0 for b in backends}
+    keys = {(m.out_features, m.in_features, autotune.regime(m)) for m in quantized}
+    table = autotune.choose(keys, torch.device("cpu"), cands, measure)
+    autotune.clear_memory()  # the node reads them back from disk
+    return patcher, quantized, table
+
+
+@pytest.mark.parametrize("arch", [names.FLUX1, names.FLUX2])
+def test_auto_chooses_per_shape_and_per_kind_of_layer(comfy, tmp_path, monkeypatch, arch):
+    """The Backend node's `auto` keys its choices by shape and by what a layer runs on: the
+    modulation layers (fed the conditioning vector, one row per image) and the token layers of
+    the same shape (3H x H: single-block modulation and qkv) get their own winners, and sampling
+    runs each layer on its own."""
+    from comfyui_nvfp4.kernels import autotune, registry
+    from comfyui_nvfp4.kernels.module import active_backend
+    from comfyui_nvfp4.nodes import backend_apply
+    from comfyui_nvfp4.nodes.path_report import path_counts
+
+    cands = [registry.get("dequant"), registry.get("emulate")]  # both run on the CPU
+    patcher, quantized, table = _tiny_model_with_auto_decisions(
+        tmp_path, monkeypatch, arch, cands, {autotune.VECTOR: "emulate", autotune.TOKENS: "dequant"})
+    vector = {m.layer_name for m in quantized if names.vector_fed(m.layer_name)}
+    assert vector and len(vector) < len(quantized)
+    assert any((n, k, autotune.TOKENS) in table for n, k, kind in table if kind == autotune.VECTOR)
+
+    active, _, text = backend_apply.select(patcher, quantized, "auto", torch.device("cpu"))
+    assert active == registry.AUTO and "vector (M=1+16): emulate (cache" in text
+    assert {m.layer_name for m in quantized if m.auto_choice == "emulate"} == vector
+    dm = patcher.model.diffusion_model
+    with active_backend(registry.AUTO):
+        out = sample(dm, arch, steps=1)
+    counts = path_counts(dm)
+    assert torch.isfinite(out).all()
+    assert (counts["emulate"], counts["dequant"]) == (len(vector), len(quantized) - len(vector)), counts
+
+
+@pytest.mark.parametrize("arch", [names.FLUX1, names.FLUX2])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_auto_keeps_fusable_blocks_token_layers_on_fp8(comfy, tmp_path, monkeypatch, arch, fuse):
+    """With fp8 among `auto`'s candidates and fused blocks on, the token layers of FLUX.1 blocks
+    stay on fp8 even where another backend timed faster alone (one layer off fp8 would unfuse its
+    block); the modulation layers keep their own winner. FLUX.2 blocks cannot fuse: nothing moves.
+    (Selection only: fp8 itself needs a GPU.)"""
+    from comfyui_nvfp4.kernels import autotune, fused_blocks, registry
+    from comfyui_nvfp4.nodes import backend_apply
+
+    cands = [registry.get("fp8"), registry.get("dequant")]
+    patcher, quantized, _ = _tiny_model_with_auto_decisions(
+        tmp_path, monkeypatch, arch, cands, {autotune.VECTOR: "dequant", autotune.TOKENS: "dequant"})
+    dm = patcher.model.diffusion_model
+    in_blocks = {lin for kind in ("double", "single") for block in getattr(dm, f"{kind}_blocks")
+                 if fused_blocks.unfusable_reason(block, kind) is None for lin in fused_blocks.linears(block, kind)}
+    assert bool(in_blocks) == (arch == names.FLUX1)
+    _, _, text = backend_apply.select(patcher, quantized, "auto", torch.device("cpu"), fuse_blocks=fuse)
+    on_fp8 = {m for m in quantized if m.auto_choice == "fp8"}
+    assert on_fp8 == (in_blocks if fuse else set())
+    assert all(m.auto_choice == "dequant" for m in quantized if m not in on_fp8)
+    if fuse and in_blocks:
+        assert f"their {len(in_blocks)} token layers run fp8 ({len(in_blocks)} of them timed faster" in text
+    else:
+        assert "fused blocks" not in text
