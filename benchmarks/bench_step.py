@@ -94,12 +94,17 @@ def step_inputs(dev):
 
 
 FUSED = "fp8+fused"  # the fp8 backend with the fused FLUX.1 blocks (nodes/block_patches.py)
+# the layers fed the conditioning vector (modulation) on w4a16, the token layers on fp8 with fused
+# blocks: what `auto` runs where w4a16's small-M call is the cheaper one (nodes/backend_apply.select)
+MIX = "fp8+fused+w4a16-vector"
 
 
 def path_args(path, inputs, patches):
     """(backend, model inputs) of a path: fp8+fused runs fp8 with the dit block replacements."""
     if path == FUSED:
         return "fp8", {**inputs, "transformer_options": {"patches_replace": {"dit": patches}}}
+    if path == MIX:  # per layer: NVFP4LinearModule.auto_choice, set in main
+        return registry.AUTO, {**inputs, "transformer_options": {"patches_replace": {"dit": patches}}}
     return path, inputs
 
 
@@ -194,7 +199,8 @@ def main():
                     help="start compiling the kernels when the model is built, as the loader node does when it "
                          "reads a checkpoint (preparation.start_compiling), instead of at preparation")
     ap.add_argument("--backends", default=f"dequant,w4a16,fp8,{FUSED}",
-                    help=f"Hopper: dequant,w4a16,fp8,{FUSED}; Blackwell: dequant,cudnn,cutlass,trtllm")
+                    help=f"Hopper: dequant,w4a16,fp8,{FUSED} (and '{MIX}', which needs w4a16 in the list); "
+                         f"Blackwell: dequant,cudnn,cutlass,trtllm")
     a = ap.parse_args()
     sys.path.insert(0, a.comfyui)
     import comfy.ops
@@ -213,7 +219,7 @@ def main():
     # preparing one backend drops the others'
     kept = {m: {} for m in modules}
     for extra in a.backends.split(","):
-        b = registry.get(extra) if extra != FUSED else None
+        b = registry.get(extra) if extra not in (FUSED, MIX) else None
         if b is not None and b.prepares and extra != "fp8":
             # twice: the first run compiles the backend's Triton kernels (a machine's first run
             # only: Triton caches them on disk), the second is what every later load takes
@@ -271,6 +277,8 @@ def main():
     inputs = step_inputs(dev)
     from comfyui_nvfp4.nodes.block_patches import block_patches
     patches, _ = block_patches(q)
+    for m in modules:  # the MIX path's per-layer choice
+        m.auto_choice = "w4a16" if names.vector_fed(m.layer_name) else "fp8"
     rows = []
     t_bf16, peak_bf16, ref = time_step(d, inputs)
     rows.append(("bf16 (dequantized weights)", t_bf16, weight_bytes(d), peak_bf16, 0.0))
@@ -284,6 +292,10 @@ def main():
     dense = weight_bytes(q) - nvfp4_params
     codes = sum(m.in_features * m.out_features // 2 for m in modules)
     scales = sum(m.in_features * m.out_features // 16 for m in modules)
+
+    def prepped(name, mods=modules):
+        return sum(p.numel() * p.element_size() for m in mods for n, p in m.named_parameters()
+                   if n.startswith(f"prep_{name}_"))
     for path in a.backends.split(","):
         backend, args = path_args(path, inputs, patches)
         for m in modules:
@@ -295,9 +307,12 @@ def main():
             print(f"non-finite output: reference {bool(torch.isfinite(ref).all())}, {path} "
                   f"{bool(torch.isfinite(out).all())}; max |ref| {ref.float().abs().nan_to_num().max():.3g}")
         err = float((out.float() - ref.float()).norm() / ref.float().norm())
-        prepped = sum(p.numel() * p.element_size() for m in modules for n, p in m.named_parameters()
-                      if n.startswith(f"prep_{backend}_"))
-        wb = dense + {"dequant": codes + scales, "w4a16": prepped + scales}.get(backend, prepped)
+        if path == MIX:
+            vec = [m for m in modules if m.auto_choice == "w4a16"]
+            wb = dense + prepped("fp8", [m for m in modules if m.auto_choice == "fp8"]) + prepped("w4a16", vec) + sum(
+                m.in_features * m.out_features // 16 for m in vec)
+        else:
+            wb = dense + {"dequant": codes + scales, "w4a16": prepped(backend) + scales}.get(backend, prepped(backend))
         rows.append((path, t, wb, peak, err))
     if a.graph:
         d = dense_copy(q)

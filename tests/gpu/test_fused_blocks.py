@@ -234,3 +234,20 @@ def test_flux_model_with_fused_block_patches_matches_unfused():
         model(**inputs, transformer_options={"patches_replace": {"dit": patches}})
     paths = {m.last_path for m in fused_blocks.linears(blk, "single")}
     assert paths and all(p.startswith("w4a16") for p in paths), paths  # w4a16 / w4a16-dq
+    # a mix `auto` can pick: the layers fed the conditioning vector (modulation, embedders) on
+    # w4a16, the token layers on fp8; the blocks still run fused around the w4a16 modulation
+    from comfyui_nvfp4.quant import names
+    linear_names = {m: n for n, m in model.named_modules() if isinstance(m, NVFP4LinearModule)}
+    for m, n in linear_names.items():
+        m.auto_choice = "w4a16" if names.vector_fed(n) else "fp8"
+        m.last_path = None
+    with torch.inference_mode(), active_backend("auto"):
+        mixed = model(**inputs, transformer_options={"patches_replace": {"dit": patches}})
+    by_kind = {}
+    for m, n in linear_names.items():  # w4a16 runs `dequant` where K is no multiple of 128 (vector_in's 64)
+        path = m.last_path if m.in_features % 128 == 0 or m.last_path != "dequant" else "dequant, K % 128"
+        by_kind.setdefault(names.vector_fed(n), set()).add(path)
+    assert by_kind[True] <= {"w4a16", "dequant, K % 128"} and "w4a16" in by_kind[True], by_kind
+    assert "fp8-fused" in by_kind[False], by_kind
+    print(f"model, auto's mix: vs fused fp8 {rel(mixed, fused):.4f}, vs bf16 {rel(mixed, ref):.4f}")
+    assert torch.isfinite(mixed).all() and rel(mixed, ref) < 1.1 * rel(unfused, ref) + 1e-3

@@ -386,3 +386,29 @@ def test_kernels_compiled_while_loading_leave_preparation_nothing_to_compile():
             assert info["prepared_layers"] == 4 and info["self_check_min_cosine"] > 0.99
             assert info["compile_launches"] == 0 and info["compile_seconds"] == 0, info
     assert seen == [], f"preparation compiled {seen} after the loader's early start"
+
+
+def test_auto_times_a_call_as_the_larger_of_its_gpu_and_host_time():
+    """autotune._time: the L2 flush before each call is outside the call's events; a call whose
+    host side is slow costs its host time; measure_shape times fp8 and w4a16 at both kinds of
+    rows (3072 -> 9216 is a qkv and a single-block modulation in FLUX.1)."""
+    import time
+
+    from comfyui_nvfp4.kernels import autotune
+
+    flush = autotune.l2_flush_buffer(DEV)
+    assert flush.numel() >= 2 * torch.cuda.get_device_properties(DEV).L2_cache_size
+    x = torch.zeros(1, device=DEV)
+    flush_ms = autotune._time(lambda: flush.fill_(2), DEV)  # overwriting 2x L2: tens of microseconds
+    tiny_ms = autotune._time(lambda: x.add_(1), DEV, flush=flush)  # one element, the flush before it
+    assert tiny_ms < 0.5 * flush_ms, (tiny_ms, flush_ms)
+    # one tiny kernel behind 2 ms of host work: the host is what this call costs
+    slow_host_ms = autotune._time(lambda: (time.sleep(0.002), x.add_(1)), DEV, flush=flush)
+    assert 2.0 <= slow_host_ms < 4.0, slow_host_ms
+    # a kernel of about 1 ms behind a fast host: the GPU is
+    gpu_ms = autotune._time(lambda: torch.cuda._sleep(2_000_000), DEV)
+    assert 0.5 < gpu_ms < 3.0, gpu_ms
+    backends = [registry.get("fp8"), registry.get("w4a16")]
+    for counts in autotune.TOKEN_COUNTS.values():
+        ms = autotune.measure_shape(9216, 3072, backends, DEV, token_counts=counts)
+        assert set(ms) == {"fp8", "w4a16"} and all(0 < v < 5 for v in ms.values()), (counts, ms)
