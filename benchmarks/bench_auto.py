@@ -2,8 +2,8 @@
 
 Runs kernels/autotune.choose (fresh cache in a temporary folder) over every distinct (N, K, kind)
 of FLUX.1-dev's (or FLUX.2-dev's) quantized linears: token layers timed at 512 + 4096 rows,
-layers fed the conditioning vector (modulation) at 1 + 16 rows, each call's GPU time alone with
-L2 emptied before it. Prints the table (per-backend ms, winner, how many layers) and the resident
+layers fed the conditioning vector (modulation) at 1 + 16 rows, each call charged the larger of
+its GPU time (L2 emptied before it) and its host time. Prints the table (per-backend ms, winner, how many layers) and the resident
 weight bytes of the picks against every layer on one backend. One call on the device:
     python benchmarks/bench_auto.py [--arch flux1|flux2] [--backends fp8,w4a16,dequant]
 """
@@ -48,8 +48,7 @@ def main():
     cands = [registry.get(b) for b in a.backends.split(",")]
     layers = {name: shape for name, shape in linear_shapes(DEV_DIMS[a.arch]).items()
               if not names.is_excluded(name, None, names.DEFAULT_EXCLUDE)}  # what NVFP4 files quantize
-    kind = {name: autotune.VECTOR if names.vector_fed(name) else autotune.TOKENS for name in layers}
-    keys = {name: (n, k, kind[name]) for name, (n, k) in layers.items()}
+    keys = {name: (n, k, autotune.kind_of(name)) for name, (n, k) in layers.items()}
     with tempfile.TemporaryDirectory() as cache:
         os.environ["NVFP4_CACHE_DIR"] = cache
         table = autotune.choose(set(keys.values()), dev, cands)

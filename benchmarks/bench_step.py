@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from _bootstrap import ensure_package  # noqa: E402
 
 ensure_package()
-from comfyui_nvfp4.kernels import preparation, registry  # noqa: E402
+from comfyui_nvfp4.kernels import autotune, preparation, registry  # noqa: E402
 from comfyui_nvfp4.kernels.module import NVFP4LinearModule, active_backend  # noqa: E402
 from comfyui_nvfp4.quant import names  # noqa: E402
 from comfyui_nvfp4.quant.layers import DenseLinear, NVFP4Linear  # noqa: E402
@@ -278,7 +278,7 @@ def main():
     from comfyui_nvfp4.nodes.block_patches import block_patches
     patches, _ = block_patches(q)
     for m in modules:  # the MIX path's per-layer choice
-        m.auto_choice = "w4a16" if names.vector_fed(m.layer_name) else "fp8"
+        m.auto_choice = "w4a16" if autotune.kind_of(m.layer_name) == autotune.VECTOR else "fp8"
     rows = []
     t_bf16, peak_bf16, ref = time_step(d, inputs)
     rows.append(("bf16 (dequantized weights)", t_bf16, weight_bytes(d), peak_bf16, 0.0))
@@ -290,12 +290,14 @@ def main():
     nvfp4_params = sum(p.numel() * p.element_size() for m in modules for n, p in m.named_parameters()
                        if n.startswith(("packed", "scale", "prep_")))
     dense = weight_bytes(q) - nvfp4_params
-    codes = sum(m.in_features * m.out_features // 2 for m in modules)
-    scales = sum(m.in_features * m.out_features // 16 for m in modules)
 
-    def prepped(name, mods=modules):
-        return sum(p.numel() * p.element_size() for m in mods for n, p in m.named_parameters()
-                   if n.startswith(f"prep_{name}_"))
+    def layer_bytes(backend, mods):
+        """Resident NVFP4-layer bytes of `mods` on `backend` (see above)."""
+        if backend == "dequant":
+            return sum(m.in_features * m.out_features // 2 + m.in_features * m.out_features // 16 for m in mods)
+        prepped = sum(p.numel() * p.element_size() for m in mods for n, p in m.named_parameters()
+                      if n.startswith(f"prep_{backend}_"))
+        return prepped + (sum(m.in_features * m.out_features // 16 for m in mods) if backend == "w4a16" else 0)
     for path in a.backends.split(","):
         backend, args = path_args(path, inputs, patches)
         for m in modules:
@@ -308,11 +310,9 @@ def main():
                   f"{bool(torch.isfinite(out).all())}; max |ref| {ref.float().abs().nan_to_num().max():.3g}")
         err = float((out.float() - ref.float()).norm() / ref.float().norm())
         if path == MIX:
-            vec = [m for m in modules if m.auto_choice == "w4a16"]
-            wb = dense + prepped("fp8", [m for m in modules if m.auto_choice == "fp8"]) + prepped("w4a16", vec) + sum(
-                m.in_features * m.out_features // 16 for m in vec)
+            wb = dense + sum(layer_bytes(b, [m for m in modules if m.auto_choice == b]) for b in ("fp8", "w4a16"))
         else:
-            wb = dense + {"dequant": codes + scales, "w4a16": prepped(backend) + scales}.get(backend, prepped(backend))
+            wb = dense + layer_bytes(backend, modules)
         rows.append((path, t, wb, peak, err))
     if a.graph:
         d = dense_copy(q)

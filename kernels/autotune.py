@@ -36,9 +36,14 @@ _memory: dict[str, dict] = {}
 SLEEP_CYCLES = 20_000_000
 
 
-def regime(module) -> str:
-    """VECTOR for a layer fed the conditioning vector (by its ComfyUI name), else TOKENS."""
-    return VECTOR if names.vector_fed(getattr(module, "layer_name", "") or "") else TOKENS
+def kind_of(name: str) -> str:
+    """VECTOR for the ComfyUI linear `name` fed the conditioning vector, else TOKENS."""
+    return VECTOR if names.vector_fed(name) else TOKENS
+
+
+def layer_key(module) -> tuple[int, int, str]:
+    """(N, K, kind): what `choose` decides per layer."""
+    return module.out_features, module.in_features, kind_of(module.layer_name)
 
 
 def cache_path() -> Path:
@@ -192,8 +197,8 @@ def auto_candidates(device: torch.device, dtype=None) -> list[registry.Backend]:
 
 def choose(shapes: set[tuple[int, int, str]], device: torch.device, candidates: list[registry.Backend] | None = None,
            measure=measure_shape) -> dict[tuple[int, int, str], dict]:
-    """{(n, k, regime): {"winner": name, "ms": {backend: ms}, "source": "measured"|"cache"|"only"}}
-    for the (N, K, TOKENS | VECTOR) of the layers (`regime`). `measure(n, k, backends, device,
+    """{(n, k, kind): {"winner": name, "ms": {backend: ms}, "source": "measured"|"cache"|"only"}}
+    for the (N, K, TOKENS | VECTOR) of the layers (`layer_key`). `measure(n, k, backends, device,
     token_counts)` times them where nothing is cached."""
     if candidates is None:
         candidates = auto_candidates(device)

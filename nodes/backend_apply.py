@@ -43,7 +43,7 @@ def select(patcher, modules, choice: str, device, fuse_blocks: bool = True):
         getattr(backend, "check_dtype", lambda dtype: None)(compute_dtype(patcher))  # bf16/fp16-only GEMMs
         return backend.name, (lambda m: backend), f"{backend.name}{note}"
     quantized = [m for m in modules if m.format == "nvfp4"]
-    keys = {m: (m.out_features, m.in_features, autotune.regime(m)) for m in quantized}  # shape and rows it meets
+    keys = {m: autotune.layer_key(m) for m in quantized}  # shape and the rows it meets
     candidates = autotune.auto_candidates(device, compute_dtype(patcher))
     table = autotune.choose(set(keys.values()), device, candidates)
     for m in quantized:

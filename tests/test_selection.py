@@ -134,9 +134,9 @@ def test_layers_fed_the_conditioning_vector_are_told_apart_by_name():
         "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
         "final_layer.adaLN_modulation.1", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
         "guidance_in.out_layer"}
-    assert autotune.regime(mod(name="double_blocks.3.img_mod.lin")) == autotune.VECTOR
-    assert autotune.regime(mod(name="double_blocks.3.img_attn.qkv")) == autotune.TOKENS
-    assert autotune.regime(mod(name="")) == autotune.TOKENS  # a layer of unknown role: tokens
+    assert autotune.layer_key(mod(name="double_blocks.3.img_mod.lin")) == (64, 64, autotune.VECTOR)
+    assert autotune.layer_key(mod(name="double_blocks.3.img_attn.qkv")) == (64, 64, autotune.TOKENS)
+    assert autotune.kind_of("") == autotune.TOKENS  # a layer of unknown role: tokens
 
 
 def test_module_auto_dispatch_uses_its_own_choice():

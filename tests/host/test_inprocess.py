@@ -123,7 +123,7 @@ def _tiny_model_with_auto_decisions(tmp_path, monkeypatch, arch, cands, fast):
     def measure(n, k, backends, device, token_counts):
         kind = autotune.VECTOR if token_counts == autotune.TOKEN_COUNTS[autotune.VECTOR] else autotune.TOKENS
         return {b.name: 1.0 if b.name == fast[kind] else 2.0 for b in backends}
-    keys = {(m.out_features, m.in_features, autotune.regime(m)) for m in quantized}
+    keys = {autotune.layer_key(m) for m in quantized}
     table = autotune.choose(keys, torch.device("cpu"), cands, measure)
     autotune.clear_memory()  # the node reads them back from disk
     return patcher, quantized, table
