@@ -296,13 +296,19 @@ class W4A16Backend(Backend):
                   module.t(f"gscale_{i}", dev), module.part_shape(i)[0]) for i in range(module.n_parts)]
         if x2.shape[0] <= triton_w4a16.SMALL_M_MAX:
             out = torch.empty((x2.shape[0], module.out_features), device=x.device, dtype=torch.bfloat16)
-            col = 0
-            for c, scale, gscale, n in parts:
-                triton_w4a16.small_m_gemm(x2, c, scale, gscale,
-                                          None if b is None else b[col:col + n].to(torch.bfloat16), out[:, col:col + n])
-                col += n
+            if b is not None and b.dtype != torch.bfloat16:
+                b = b.to(torch.bfloat16)
+            if len(parts) == 1:  # most layers: no slicing (each view costs host time at M = 1)
+                c, scale, gscale, _ = parts[0]
+                triton_w4a16.small_m_gemm(x2, c, scale, gscale, b, out)
+            else:
+                col = 0
+                for c, scale, gscale, n in parts:
+                    triton_w4a16.small_m_gemm(x2, c, scale, gscale, None if b is None else b[col:col + n],
+                                              out[:, col:col + n])
+                    col += n
             module.last_path = self.name
-            return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+            return (out if x.dtype == torch.bfloat16 else out.to(x.dtype)).reshape(*x.shape[:-1], -1)
         # Compute-bound: decode into a transient weight (one layer at a time) for cuBLAS.
         wdtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         w = torch.empty((module.out_features, module.in_features), device=x.device, dtype=wdtype)

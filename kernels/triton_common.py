@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
 
 from ..quant.layers import NVFP4Linear
+from .fast_launch import DirectLauncher, variant_key
 from .tuning import tuning_allowed
 
 
@@ -52,22 +54,40 @@ def row_tile(m: int) -> int:
 
 
 _AUTOTUNER_LOCK = threading.Lock()
+_DIRECT: dict[int, DirectLauncher] = {}  # id of a module-level @triton.jit function -> its launcher
+_PICKED: dict[tuple, dict] = {}  # (autotuner id, variant key) -> the config it picked for such calls
+
+
+def direct(jit_fn) -> DirectLauncher:
+    """The DirectLauncher of a module-level @triton.jit function (one per function)."""
+    launcher = _DIRECT.get(id(jit_fn))
+    if launcher is None:
+        launcher = _DIRECT[id(jit_fn)] = DirectLauncher(jit_fn)
+    return launcher
 
 
 def launch(kernel, grid, args, kwargs, config: dict | None = None):
     """Run an autotuned kernel, or one of its configs by hand (`config`: one of configs_for's
     dicts; tests use it to run every config, also under TRITON_INTERPRET=1 where nothing is timed).
-    Inside tuning.untuned() (the self-check) a call without a config runs the first one."""
+    Inside tuning.untuned() (the self-check) a call without a config runs the first one.
+    The autotuner's pick is kept per variant (fast_launch.variant_key: finer than the autotuner's
+    key), so later calls like it launch that config directly instead of through the autotuner."""
     if config is None and not tuning_allowed():
         config = configs_for(kernel, **kwargs)[0]
     if config is None:
-        # Triton's Autotuner keeps each call's state on the kernel object (its argument dict, the
-        # cache entry it fills while timing configs): calls from preparation's worker threads
-        # (the self-check) must not interleave, or one reads the other's half-made entry
-        with _AUTOTUNER_LOCK:
-            kernel[grid](*args, **kwargs)
-    else:
-        kernel.fn[grid](*args, **kwargs, **config)
+        key = (id(kernel), variant_key(args, kwargs))
+        config = _PICKED.get(key)
+        if config is None:
+            # Triton's Autotuner keeps each call's state on the kernel object (its argument dict,
+            # the cache entry it fills while timing configs): calls from preparation's worker
+            # threads (the self-check) must not interleave, or one reads the other's half-made entry
+            with _AUTOTUNER_LOCK:
+                kernel[grid](*args, **kwargs)
+                picked = getattr(kernel, "best_config", None)
+            if picked is not None:
+                _PICKED[key] = picked.all_kwargs()
+            return
+    direct(kernel.fn)(grid, args, {**kwargs, **config})
 
 
 def configs_for(kernel, **key) -> list[dict]:
@@ -77,9 +97,9 @@ def configs_for(kernel, **key) -> list[dict]:
     return [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in pruned]
 
 
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch: what a call runs, and what compile_ahead compiles ahead of it."""
+class Launch(NamedTuple):
+    """One kernel launch: what a call runs, and what compile_ahead compiles ahead of it (a
+    NamedTuple: built on every call, it costs less host time than a frozen dataclass)."""
     kernel: object  # a @triton.jit function
     grid: tuple
     args: tuple

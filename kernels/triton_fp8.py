@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LayerShape, Launch, configs_for, e4m3_scale, fp4_pair, fp8_codes,
+from .triton_common import (LayerShape, Launch, configs_for, direct, e4m3_scale, fp4_pair, fp8_codes,
                             fp8_row_scale, launch, row_tile)
 
 SMALL_M_MAX = 16  # M up to this runs small_m_gemm
@@ -39,7 +39,7 @@ def _act_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
 def act_quant_fp8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] bf16/fp16 -> (fp8 e4m3 [M, K], fp32 scales [M, 1]) with x ~= q * scale."""
     q, s, lc = _act_quant_launch(x2d)
-    _act_quant_fp8_kernel[lc.grid](*lc.args, **lc.options)
+    direct(_act_quant_fp8_kernel)(lc.grid, lc.args, lc.options)
     return q, s
 
 

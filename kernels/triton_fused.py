@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import fp8_codes, fp8_row_scale
+from .triton_common import direct, fp8_codes, fp8_row_scale
 
 
 @triton.jit
@@ -142,8 +142,8 @@ def ln_mod_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps:
     q = torch.empty(x2.shape, device=x.device, dtype=code_dtype)
     s = torch.empty((x2.shape[0], 1), device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
-    _ln_mod_quant_kernel[(x2.shape[0],)](x2, shift, scale, q, s, k, length, x2.stride(0), shift.stride(0),
-                                         q.stride(0), eps, BLOCK_K=block, num_warps=_warps(block))
+    direct(_ln_mod_quant_kernel)((x2.shape[0],), (x2, shift, scale, q, s, k, length, x2.stride(0), shift.stride(0),
+                                                  q.stride(0), eps), dict(BLOCK_K=block, num_warps=_warps(block)))
     return q, s
 
 
@@ -159,8 +159,8 @@ def gelu_quant(h: torch.Tensor, prefix: torch.Tensor | None = None, code_dtype=t
     q = torch.empty((m, ka + kh), device=h.device, dtype=code_dtype)
     s = torch.empty((m, 1), device=h.device, dtype=torch.float32)
     ba, bh = max(16, triton.next_power_of_2(ka)), triton.next_power_of_2(kh)
-    _gelu_quant_kernel[(m,)](a2, h2, q, s, ka, kh, a2.stride(0), h2.stride(0), q.stride(0),
-                             BLOCK_A=ba, BLOCK_H=bh, num_warps=_warps(ba + bh))
+    direct(_gelu_quant_kernel)((m,), (a2, h2, q, s, ka, kh, a2.stride(0), h2.stride(0), q.stride(0)),
+                               dict(BLOCK_A=ba, BLOCK_H=bh, num_warps=_warps(ba + bh)))
     return q, s
 
 
@@ -182,7 +182,7 @@ def qk_norm_rope(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor, k_weight
     if pe.dtype != torch.float32 or pe.stride(5) != 1 or pe.stride(4) != 2 or pe.stride(3) != 4:
         pe = pe.float().contiguous()
     stride_pb = pe.stride(0) if pe.shape[0] > 1 else 0
-    _qk_norm_rope_kernel[(bsz * length,)](qkv, q_weight, k_weight, pe, q, k, v, length, heads,
-                                          qkv.stride(0), qkv.stride(1), stride_pb, pe.stride(2),
-                                          q.stride(0), q.stride(1), q.stride(2), tok_off, eps_q, eps_k,
-                                          D=d, BH=triton.next_power_of_2(heads), num_warps=4)
+    direct(_qk_norm_rope_kernel)((bsz * length,), (qkv, q_weight, k_weight, pe, q, k, v, length, heads,
+                                                   qkv.stride(0), qkv.stride(1), stride_pb, pe.stride(2),
+                                                   q.stride(0), q.stride(1), q.stride(2), tok_off, eps_q, eps_k),
+                                 dict(D=d, BH=triton.next_power_of_2(heads), num_warps=4))

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LayerShape, Launch
+from .triton_common import LayerShape, Launch, direct
 from .versions import release
 from .w4a16_layout import (ROTATION, SCALE_BIAS, SCALE_EXP, SCALE_SHIFT, SUPER, TARGET_BIT, TILE_ROWS,
                            WEIGHT_FACTOR, check_packable, padded_rows)
@@ -279,7 +279,7 @@ def decode(packed_w4a16: torch.Tensor, scale_w4a16: torch.Tensor, global_scale: 
     if out.stride(1) != 1:
         raise ValueError(f"decode: need out with contiguous rows, got strides {out.stride()}")
     launch = _decode_launch(packed_w4a16, scale_w4a16, global_scale, out)
-    _decode_kernel[launch.grid](*launch.args, **launch.options)
+    direct(_decode_kernel)(launch.grid, launch.args, launch.options)
     return out
 
 
@@ -392,6 +392,7 @@ def split_for(tiles: int, n_sc: int, sms: int) -> int:
     return max(1, min(-(-55 * sms // (10 * tiles)), n_sc // 3, 16))
 
 
+@functools.lru_cache(maxsize=None)
 def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
     """The tile and K split for this shape, fixed from timings of every tile and split on the FLUX
     shapes (BENCHMARKS.md, section 2) rather than by Triton's autotuner: for these
@@ -428,7 +429,7 @@ def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale_w4a16: tor
         config = picked if config is None else config
         split = picked_split if split is None else split
     launch = _small_m_launch(x2d, packed_w4a16, scale_w4a16, global_scale, bias, out, config, split)
-    _small_m_kernel[launch.grid](*launch.args, **launch.options)
+    direct(_small_m_kernel)(launch.grid, launch.args, launch.options)
     return out
 
 
@@ -437,33 +438,47 @@ def _small_m_launch(x2d, packed_w4a16, scale_w4a16, global_scale, bias, out, con
     argument types, values and alignments, so the same compiled variant)."""
     m, k = x2d.shape
     n = out.shape[1]
-    x2d = x2d.to(torch.bfloat16).contiguous()
-    tiles = triton.cdiv(n, config["BN"])
+    if x2d.dtype != torch.bfloat16 or x2d.stride(1) != 1:
+        x2d = x2d.to(torch.bfloat16).contiguous()
+    if global_scale.dtype != torch.float32:  # the kernel reads its one element
+        global_scale = global_scale.float()
+    tiles = -(-n // config["BN"])
     if split > 1:
-        parts = torch.empty((split, m, n), device=out.device, dtype=torch.float32)  # every element written
-        counts = (torch.empty(tiles, device="meta", dtype=torch.int32) if out.is_meta
-                  else _arrival_counters(out.device, tiles))
+        if out.is_meta:
+            parts = torch.empty(split * m * n, device="meta", dtype=torch.float32)
+            counts = torch.empty(tiles, device="meta", dtype=torch.int32)
+        else:
+            parts, counts = _split_scratch(out.device, split * m * n, tiles)
     else:
         parts = counts = out  # unused
     # ASM: inline PTX everywhere but on the CPU interpreter (meta tensors stand for the GPU)
     return Launch(_small_m_kernel, (tiles, split),
-                  (x2d, _words(packed_w4a16), _words(scale_w4a16), global_scale.reshape(1).float(),
+                  (x2d, _words(packed_w4a16), _words(scale_w4a16), global_scale,
                    bias if bias is not None else x2d, out, parts, counts, m, n, k, x2d.stride(0), out.stride(0)),
                   dict(HAS_BIAS=bias is not None, SPLIT=split, MT=token_tile(m), ASM=not x2d.is_cpu, **config))
 
 
-_COUNTERS: dict[tuple, torch.Tensor] = {}
+_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, at least `tiles`, kept per device and stream (each kernel
-    resets the ones it used, so they stay zero between calls; two streams must not share them)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+def _split_scratch(device: torch.device, part_elems: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 buffer of at least `part_elems` for the K ranges' partial sums, and zeroed int32
+    arrival counters, at least `tiles`, kept per device and stream. Kernels on one stream run one
+    after another, so they share them: each writes every partial sum it reads and resets the
+    counters it used (they stay zero between calls). Two streams must not share them. Kept, not
+    allocated per call: an allocation costs ~5 us of host time at M = 1."""
+    # the raw stream id (as Triton reads it): torch.cuda.current_stream() costs ~20 us of host time
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream)
-    counts = _COUNTERS.get(key)
-    if counts is None or counts.numel() < tiles:
-        counts = _COUNTERS[key] = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
-    return counts
+    kept = _SCRATCH.get(key)
+    if kept is None or kept[0].numel() < part_elems or kept[1].numel() < tiles:
+        old_parts, old_counts = kept if kept is not None else (None, None)
+        parts = old_parts if old_parts is not None and old_parts.numel() >= part_elems else \
+            torch.empty(part_elems, device=device, dtype=torch.float32)
+        counts = old_counts if old_counts is not None and old_counts.numel() >= tiles else \
+            torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
+        kept = _SCRATCH[key] = (parts, counts)
+    return kept
 
 
 def preparation_launches(layer: LayerShape, device: torch.device) -> list[Launch]:
