@@ -108,7 +108,8 @@ def test_help(how):
     """`nvfp4 --help` as installed by pip, and from a bare checkout (no install)."""
     root = Path(__file__).resolve().parents[1]
     if how == "entry point":
-        exe = shutil.which("nvfp4")
+        # pip puts the entry point beside the interpreter (a venv's bin/, on PATH or not)
+        exe = shutil.which("nvfp4", path=str(Path(sys.executable).parent)) or shutil.which("nvfp4")
         if exe is None:
             pytest.skip("package not installed with pip here (scripts/test.sh installs it)")
         cmd = [exe]
