@@ -1,5 +1,8 @@
 """One FLUX.1-dev-sized DiT step in ComfyUI's own Flux model (random weights, 1024x1024, batch 1).
 
+`--size 256 --text-tokens 64` makes the step host-bound (320 tokens of GPU work): its time is
+then what the host spends on a step, for ComfyUI's own code (the bf16 row) and for ours.
+
 Compares the same weights as: plain bf16 Linear (ComfyUI's ops), and our NVFP4 module with the
 `dequant` (what ComfyUI core does on non-Blackwell GPUs), `fp8` and `w4a16` backends. Reports
 median step time, resident linear-weight bytes, peak VRAM during the step, and the time to
@@ -84,11 +87,12 @@ def weight_bytes(model):
                if n.rsplit(".", 1)[-1].startswith(("packed", "scale", "weight", "prep_")))
 
 
-def step_inputs(dev):
+def step_inputs(dev, size=1024, text_tokens=512):
     g = torch.Generator(device=dev).manual_seed(1)
-    return dict(x=torch.randn(1, 16, 128, 128, device=dev, generator=g, dtype=torch.bfloat16),
+    latent = size // 8
+    return dict(x=torch.randn(1, 16, latent, latent, device=dev, generator=g, dtype=torch.bfloat16),
                 timestep=torch.tensor([0.5], device=dev, dtype=torch.float32),
-                context=torch.randn(1, 512, 4096, device=dev, generator=g, dtype=torch.bfloat16),
+                context=torch.randn(1, text_tokens, 4096, device=dev, generator=g, dtype=torch.bfloat16),
                 y=torch.randn(1, 768, device=dev, generator=g, dtype=torch.bfloat16),
                 guidance=torch.tensor([3.5], device=dev, dtype=torch.float32))
 
@@ -198,6 +202,11 @@ def main():
     ap.add_argument("--compile-at-load", action="store_true",
                     help="start compiling the kernels when the model is built, as the loader node does when it "
                          "reads a checkpoint (preparation.start_compiling), instead of at preparation")
+    ap.add_argument("--size", type=int, default=1024,
+                    help="image side in pixels (a multiple of 16). Small sizes with few --text-tokens leave the "
+                         "GPU waiting for the host: the step time is then the host's time for a step")
+    ap.add_argument("--text-tokens", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5, help="timed steps per path (the median is reported)")
     ap.add_argument("--backends", default=f"dequant,w4a16,fp8,{FUSED}",
                     help=f"Hopper: dequant,w4a16,fp8,{FUSED} (and '{MIX}', which needs w4a16 in the list); "
                          f"Blackwell: dequant,cudnn,cutlass,trtllm")
@@ -274,13 +283,13 @@ def main():
     for m in d.modules():
         if isinstance(m, NVFP4LinearModule):
             m.drop_prepared()
-    inputs = step_inputs(dev)
+    inputs = step_inputs(dev, a.size, a.text_tokens)
     from comfyui_nvfp4.nodes.block_patches import block_patches
     patches, _ = block_patches(q)
     for m in modules:  # the MIX path's per-layer choice
         m.auto_choice = "w4a16" if autotune.kind_of(m.layer_name) == autotune.VECTOR else "fp8"
     rows = []
-    t_bf16, peak_bf16, ref = time_step(d, inputs)
+    t_bf16, peak_bf16, ref = time_step(d, inputs, reps=a.reps)
     rows.append(("bf16 (dequantized weights)", t_bf16, weight_bytes(d), peak_bf16, 0.0))
     del d
     torch.cuda.empty_cache()
@@ -302,7 +311,7 @@ def main():
         backend, args = path_args(path, inputs, patches)
         for m in modules:
             m.last_path = None
-        t, peak, out = time_step(q, args, backend)
+        t, peak, out = time_step(q, args, backend, reps=a.reps)
         from collections import Counter
         print(path, "paths:", dict(Counter(m.last_path for m in q.modules() if isinstance(m, NVFP4LinearModule))))
         if not (torch.isfinite(ref).all() and torch.isfinite(out).all()):
@@ -333,7 +342,8 @@ def main():
             del model
             torch.cuda.empty_cache()
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
-          f"{__import__('triton').__version__}; FLUX.1-dev dims, 1024x1024 (4096 image + 512 text tokens)")
+          f"{__import__('triton').__version__}; FLUX.1-dev dims, {a.size}x{a.size} ({(a.size // 16) ** 2} image + "
+          f"{a.text_tokens} text tokens)")
     w = preparation.PREP_WORKERS
     print(f"NVFP4 linears: {len(modules)} layers, {nparams / 1e9:.2f} B weights; fp8 preparation of all of "
           f"them as the node does it (CPU originals -> GPU -> CPU): {prep[1, False]:.2f} s in one thread, "

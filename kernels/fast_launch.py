@@ -67,14 +67,15 @@ def _direct_launch_check() -> tuple[bool, str]:
     return True, ""
 
 
-def _arg_key(a):
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() & 15 == 0
-    if a is None:
-        return None
-    if isinstance(a, (bool, int)):
-        return type(a), a
-    return type(a)
+_Tensor = torch.Tensor
+
+
+def arg_keys(args: tuple) -> tuple:
+    """Per argument: a tensor's dtype and whether its address is 16-byte aligned; a float's type
+    alone (Triton does not specialize float values); anything else (ints, bools, None) its type
+    and exact value. One comprehension, no call per argument: it runs on every launch."""
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor) else
+                  float if a.__class__ is float else (a.__class__, a) for a in args])
 
 
 def _hooked(hook) -> bool:
@@ -84,7 +85,7 @@ def _hooked(hook) -> bool:
 
 def variant_key(args: tuple, options: dict) -> tuple:
     """What tells two calls' variants apart (module docstring), but the device and knobs."""
-    return tuple(map(_arg_key, args)), tuple(options.items())
+    return arg_keys(args), tuple(options.items())
 
 
 class DirectLauncher:
@@ -110,7 +111,7 @@ class DirectLauncher:
         if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
             return self.jit_fn[grid](*args, **options)
         device = torch.cuda.current_device()
-        key = (device, runtime.debug, knobs.compilation.instrumentation_mode, tuple(map(_arg_key, args)),
+        key = (device, runtime.debug, knobs.compilation.instrumentation_mode, arg_keys(args),
                tuple(options.items()))  # variant_key's, inlined: this runs on every call
         kept = self.kept.get(key)
         if kept is None:

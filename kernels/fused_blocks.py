@@ -104,8 +104,11 @@ def not_now_reason(block, kind: str, x: torch.Tensor, vec, pe, transformer_optio
 def _rms_weight_eps(rms, x):
     eps = rms.eps if rms.eps is not None else torch.finfo(x.dtype).eps  # torch.nn.RMSNorm's default
     w = rms.weight
-    w = torch.ones(rms.normalized_shape, device=x.device, dtype=x.dtype) if w is None else w.to(x.device, x.dtype)
-    return w.contiguous(), float(eps)
+    if w is None:
+        w = torch.ones(rms.normalized_shape, device=x.device, dtype=x.dtype)
+    elif w.device != x.device or w.dtype != x.dtype or not w.is_contiguous():
+        w = w.to(x.device, x.dtype).contiguous()
+    return w, float(eps)
 
 
 def _qkv_to_heads(qkv_rows, norm, heads, pe, q, k, v, tok_off):

@@ -215,8 +215,9 @@ class FP8Backend(Backend):
             q = torch.cat([q, q.new_zeros(mp - m, q.shape[1])])
             xs = torch.cat([xs, xs.new_ones(mp - m, 1)])
         try:
-            return torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=ws.view(1, -1), bias=b, out_dtype=out_dtype,
-                                    use_fast_accum=self.fast_accum)[:m]
+            y = torch._scaled_mm(q, w.t(), scale_a=xs, scale_b=ws.view(1, -1), bias=b, out_dtype=out_dtype,
+                                 use_fast_accum=self.fast_accum)
+            return y if m == mp else y[:m]
         except RuntimeError as e:
             if "CUBLAS_STATUS_NOT_SUPPORTED" not in str(e):
                 raise
@@ -231,7 +232,8 @@ class FP8Backend(Backend):
         w = module.prep(self.name, "w", q.device)
         ws = module.prep(self.name, "ws", q.device)
         b = module.t("bias", q.device)
-        b = None if b is None else b.to(out_dtype)
+        if b is not None and b.dtype != out_dtype:
+            b = b.to(out_dtype)
         y = self.gemm_quantized(q, xs, w, ws, b, out_dtype)
         if y is None:
             x = (q.to(torch.float32) * xs).to(out_dtype)

@@ -53,6 +53,14 @@ class NVFP4LinearModule(torch.nn.Module):
         # ComfyUI does not load them into VRAM (see park()); still saved by state_dict().
         self._parked: dict[str, torch.Tensor] = {}
 
+    def __setattr__(self, name, value):
+        # last_path is written on every call: straight into the instance dict, skipping
+        # nn.Module.__setattr__'s parameter/buffer/module bookkeeping (a plain attribute either way)
+        if name == "last_path":
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
     # ----- building from canonical layers -----
     def set_layer(self, layer) -> None:
         """Register a canonical layer's tensors (NVFP4Linear, FP8Linear or DenseLinear)."""

@@ -48,6 +48,17 @@ def fp8_codes(v, scale, q_ptr):
     return tl.clamp(v / scale, -448.0, 448.0).to(q_ptr.dtype.element_ty)
 
 
+# Host-side integer helpers for the per-call paths. Triton 3.6 makes triton.cdiv and
+# triton.next_power_of_2 constexpr functions: a host call unwraps every argument first, which
+# costs more than the arithmetic. Same results as theirs.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def row_tile(m: int) -> int:
     """Rows a small-M program holds: M rounded up to a power of two (M <= 16)."""
     return 1 << max(0, (m - 1).bit_length())

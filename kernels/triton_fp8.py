@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LayerShape, Launch, configs_for, direct, e4m3_scale, fp4_pair, fp8_codes,
-                            fp8_row_scale, launch, row_tile)
+from .triton_common import (LayerShape, Launch, cdiv, configs_for, direct, e4m3_scale, fp4_pair, fp8_codes,
+                            fp8_row_scale, launch, next_pow2, row_tile)
 
 SMALL_M_MAX = 16  # M up to this runs small_m_gemm
 
@@ -49,11 +49,11 @@ def _act_quant_launch(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, La
         x2d = x2d.contiguous()
     q = torch.empty((m, k), device=x2d.device, dtype=torch.float8_e4m3fn)
     s = torch.empty((m, 1), device=x2d.device, dtype=torch.float32)
-    block_k = triton.next_power_of_2(k)
+    block_k = next_pow2(k)
     # ~16K elements per program keeps enough bytes in flight per SM (K=3072 -> 4 rows).
     rows = max(1, min(16, 16384 // block_k))
     warps = 4 if block_k * rows <= 4096 else (8 if block_k * rows <= 8192 else 16)
-    return q, s, Launch(_act_quant_fp8_kernel, (triton.cdiv(m, rows),), (x2d, q, s, m, k, x2d.stride(0), q.stride(0)),
+    return q, s, Launch(_act_quant_fp8_kernel, (cdiv(m, rows),), (x2d, q, s, m, k, x2d.stride(0), q.stride(0)),
                         dict(BLOCK_K=block_k, ROWS=rows, num_warps=warps))
 
 
@@ -131,7 +131,7 @@ def _small_m_call(x2d, w8, ws, bias, out_dtype):
         raise ValueError(f"fp8 small_m_gemm is for M <= {SMALL_M_MAX}, got {m}")
     x2d = x2d.contiguous()
     out = torch.empty((m, n), device=x2d.device, dtype=out_dtype)
-    grid = lambda meta: (triton.cdiv(n, meta["BN"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(n, meta["BN"]),)  # noqa: E731
     return out, grid, (x2d, w8, ws, bias if bias is not None else x2d, out, m, n, k, x2d.stride(0), w8.stride(0),
                        out.stride(0)), dict(HAS_BIAS=bias is not None, MP=row_tile(m))
 

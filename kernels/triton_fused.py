@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import direct, fp8_codes, fp8_row_scale
+from .triton_common import direct, fp8_codes, fp8_row_scale, next_pow2
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def ln_mod_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps:
     x2 = _rows(x)
     q = torch.empty(x2.shape, device=x.device, dtype=code_dtype)
     s = torch.empty((x2.shape[0], 1), device=x.device, dtype=torch.float32)
-    block = triton.next_power_of_2(k)
+    block = next_pow2(k)
     direct(_ln_mod_quant_kernel)((x2.shape[0],), (x2, shift, scale, q, s, k, length, x2.stride(0), shift.stride(0),
                                                   q.stride(0), eps), dict(BLOCK_K=block, num_warps=_warps(block)))
     return q, s
@@ -158,7 +158,7 @@ def gelu_quant(h: torch.Tensor, prefix: torch.Tensor | None = None, code_dtype=t
     ka = a2.shape[1]
     q = torch.empty((m, ka + kh), device=h.device, dtype=code_dtype)
     s = torch.empty((m, 1), device=h.device, dtype=torch.float32)
-    ba, bh = max(16, triton.next_power_of_2(ka)), triton.next_power_of_2(kh)
+    ba, bh = max(16, next_pow2(ka)), next_pow2(kh)
     direct(_gelu_quant_kernel)((m,), (a2, h2, q, s, ka, kh, a2.stride(0), h2.stride(0), q.stride(0)),
                                dict(BLOCK_A=ba, BLOCK_H=bh, num_warps=_warps(ba + bh)))
     return q, s
@@ -185,4 +185,4 @@ def qk_norm_rope(qkv: torch.Tensor, heads: int, q_weight: torch.Tensor, k_weight
     direct(_qk_norm_rope_kernel)((bsz * length,), (qkv, q_weight, k_weight, pe, q, k, v, length, heads,
                                                    qkv.stride(0), qkv.stride(1), stride_pb, pe.stride(2),
                                                    q.stride(0), q.stride(1), q.stride(2), tok_off, eps_q, eps_k),
-                                 dict(D=d, BH=triton.next_power_of_2(heads), num_warps=4))
+                                 dict(D=d, BH=next_pow2(heads), num_warps=4))

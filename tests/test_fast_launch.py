@@ -17,7 +17,11 @@ from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 
-from comfyui_nvfp4.kernels.fast_launch import _arg_key, supports_direct_launch, variant_key  # noqa: E402
+from comfyui_nvfp4.kernels.fast_launch import arg_keys, supports_direct_launch, variant_key  # noqa: E402
+
+
+def _arg_key(a):
+    return arg_keys((a,))[0]
 
 
 def triton_specialization(arg, backend=CUDABackend):

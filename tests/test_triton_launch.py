@@ -74,3 +74,12 @@ def test_untuned_is_per_context_not_global():
         t.start()
         t.join()
     assert seen == [True]
+
+
+def test_host_integer_helpers_equal_tritons():
+    # cdiv / next_pow2 replace triton.cdiv / triton.next_power_of_2 on the per-call paths
+    from comfyui_nvfp4.kernels.triton_common import cdiv, next_pow2
+    for n in list(range(0, 4200)) + [15360, 18432, 36864, 2**20, 2**20 + 1]:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for b in (1, 3, 16, 64, 128):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
