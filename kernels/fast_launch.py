@@ -19,19 +19,21 @@ Direct launches follow Triton's launcher convention: the grid, the stream, the k
 then every parameter (constexprs included) in signature order. supports_direct_launch() reads
 that convention from this Triton's own JITFunction.run. Calls go through Triton instead when the
 convention differs, a launch hook is set (profilers such as Proton), the kernel has pre-run hooks,
-or Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1).
+Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1), or NVFP4_DIRECT_LAUNCH=0.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
+import os
 
 import torch
 
 log = logging.getLogger(__name__)
 
 MAX_KEPT = 4096  # variants kept per kernel (entries are small: a key and a reference)
+ENV_VAR = "NVFP4_DIRECT_LAUNCH"  # "0": every launch through Triton (read once, at the first launch)
 
 # The line of Triton's JITFunction.run that launches a kernel: the convention we reproduce.
 _TRITON_LAUNCH_LINE = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
@@ -44,12 +46,15 @@ def supports_direct_launch() -> tuple[bool, str]:
     """Whether this Triton launches kernels the way DirectLauncher does, and specializes arguments
     no finer than its variant key (and why not; logged once)."""
     ok, why = _direct_launch_check()
-    if not ok:
-        log.warning("NVFP4: Triton kernels launch through Triton, ~45 us more host time a call (%s)", why)
+    if not ok:  # asked for: info; found wanting: a warning
+        (log.info if why.startswith(ENV_VAR) else log.warning)(
+            "NVFP4: Triton kernels launch through Triton, ~45 us more host time a call (%s)", why)
     return ok, why
 
 
 def _direct_launch_check() -> tuple[bool, str]:
+    if os.environ.get(ENV_VAR, "").strip() == "0":
+        return False, f"{ENV_VAR}=0"
     if torch.version.hip is not None:
         return False, "ROCm: Triton's AMD backend specializes pointers on more than their alignment"
     try:

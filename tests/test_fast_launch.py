@@ -78,3 +78,11 @@ def test_variant_key_holds_constexprs_and_launch_options():
     t = torch.zeros(4, dtype=torch.bfloat16)
     assert variant_key((t, 3), {"BN": 64, "num_warps": 2}) != variant_key((t, 3), {"BN": 64, "num_warps": 4})
     assert variant_key((t, 3), {"BN": 64}) == variant_key((t, 3), {"BN": 64})
+
+
+def test_direct_launches_can_be_turned_off(monkeypatch):
+    from comfyui_nvfp4.kernels import fast_launch
+    monkeypatch.setenv(fast_launch.ENV_VAR, "0")
+    assert fast_launch._direct_launch_check() == (False, "NVFP4_DIRECT_LAUNCH=0")
+    monkeypatch.setenv(fast_launch.ENV_VAR, "1")
+    assert fast_launch._direct_launch_check() == (True, "")
