@@ -19,7 +19,8 @@ Direct launches follow Triton's launcher convention: the grid, the stream, the k
 then every parameter (constexprs included) in signature order. supports_direct_launch() reads
 that convention from this Triton's own JITFunction.run. Calls go through Triton instead when the
 convention differs, a launch hook is set (profilers such as Proton), the kernel has pre-run hooks,
-Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1), or NVFP4_DIRECT_LAUNCH=0.
+Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1), torch.compile is tracing, or
+NVFP4_DIRECT_LAUNCH=0.
 """
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ class DirectLauncher:
             self.defaults = {p.name: p.default for p in jit_fn.params if p.default is not inspect.Parameter.empty}
 
     def __call__(self, grid: tuple, args: tuple, options: dict):
-        if not self.enabled:
+        # under torch.compile, dynamo should see the Triton call it knows how to trace
+        if not self.enabled or torch.compiler.is_compiling():
             return self.jit_fn[grid](*args, **options)
         from triton import knobs
         runtime = knobs.runtime
