@@ -89,13 +89,15 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def variant_key(args: tuple, options: dict) -> tuple:
-    """What tells two calls' variants apart (module docstring), but the device and knobs."""
-    return arg_keys(args), tuple(options.items())
+def variant_key(args: tuple, options: dict, keys: tuple | None = None) -> tuple:
+    """What tells two calls' variants apart (module docstring), but the device and knobs.
+    keys: arg_keys(args), where the caller has it already."""
+    return arg_keys(args) if keys is None else keys, tuple(options.items())
 
 
 class DirectLauncher:
-    """`launcher(grid, args, options)` runs `jit_fn[grid](*args, **options)`, directly where it can."""
+    """`launcher(grid, args, options)` runs `jit_fn[grid](*args, **options)`, directly where it can
+    (`keys`: arg_keys(args), where the caller computed it already)."""
 
     def __init__(self, jit_fn):
         from triton.runtime.jit import JITFunction
@@ -109,7 +111,7 @@ class DirectLauncher:
             self.names = jit_fn.arg_names
             self.defaults = {p.name: p.default for p in jit_fn.params if p.default is not inspect.Parameter.empty}
 
-    def __call__(self, grid: tuple, args: tuple, options: dict):
+    def __call__(self, grid: tuple, args: tuple, options: dict, keys: tuple | None = None):
         # under torch.compile, dynamo should see the Triton call it knows how to trace
         if not self.enabled or torch.compiler.is_compiling():
             return self.jit_fn[grid](*args, **options)
@@ -118,8 +120,7 @@ class DirectLauncher:
         if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
             return self.jit_fn[grid](*args, **options)
         device = torch.cuda.current_device()
-        key = (device, runtime.debug, knobs.compilation.instrumentation_mode, arg_keys(args),
-               tuple(options.items()))  # variant_key's, inlined: this runs on every call
+        key = (device, runtime.debug, knobs.compilation.instrumentation_mode, variant_key(args, options, keys))
         kept = self.kept.get(key)
         if kept is None:
             return self._through_triton(key, grid, args, options)

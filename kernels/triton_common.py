@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..quant.layers import NVFP4Linear
-from .fast_launch import DirectLauncher, variant_key
+from .fast_launch import DirectLauncher, arg_keys, variant_key
 from .tuning import tuning_allowed
 
 
@@ -85,8 +85,9 @@ def launch(kernel, grid, args, kwargs, config: dict | None = None):
     key), so later calls like it launch that config directly instead of through the autotuner."""
     if config is None and not tuning_allowed():
         config = configs_for(kernel, **kwargs)[0]
+    keys = arg_keys(args)  # once: the pick's key and the direct launch's both start from it
     if config is None:
-        key = (id(kernel), variant_key(args, kwargs))
+        key = (id(kernel), variant_key(args, kwargs, keys))
         config = _PICKED.get(key)
         if config is None:
             # Triton's Autotuner keeps each call's state on the kernel object (its argument dict,
@@ -98,7 +99,7 @@ def launch(kernel, grid, args, kwargs, config: dict | None = None):
             if picked is not None:
                 _PICKED[key] = picked.all_kwargs()
             return
-    direct(kernel.fn)(grid, args, {**kwargs, **config})
+    direct(kernel.fn)(grid, args, {**kwargs, **config}, keys)
 
 
 def configs_for(kernel, **key) -> list[dict]:

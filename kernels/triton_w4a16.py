@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LayerShape, Launch, direct
+from .triton_common import LayerShape, Launch, cdiv, direct
 from .versions import release
 from .w4a16_layout import (ROTATION, SCALE_BIAS, SCALE_EXP, SCALE_SHIFT, SUPER, TARGET_BIT, TILE_ROWS,
                            WEIGHT_FACTOR, check_packable, padded_rows)
@@ -442,7 +442,7 @@ def _small_m_launch(x2d, packed_w4a16, scale_w4a16, global_scale, bias, out, con
         x2d = x2d.to(torch.bfloat16).contiguous()
     if global_scale.dtype != torch.float32:  # the kernel reads its one element
         global_scale = global_scale.float()
-    tiles = -(-n // config["BN"])
+    tiles = cdiv(n, config["BN"])
     if split > 1:
         if out.is_meta:
             parts = torch.empty(split * m * n, device="meta", dtype=torch.float32)
@@ -471,13 +471,14 @@ def _split_scratch(device: torch.device, part_elems: int, tiles: int) -> tuple[t
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream)
     kept = _SCRATCH.get(key)
-    if kept is None or kept[0].numel() < part_elems or kept[1].numel() < tiles:
-        old_parts, old_counts = kept if kept is not None else (None, None)
-        parts = old_parts if old_parts is not None and old_parts.numel() >= part_elems else \
-            torch.empty(part_elems, device=device, dtype=torch.float32)
-        counts = old_counts if old_counts is not None and old_counts.numel() >= tiles else \
-            torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
-        kept = _SCRATCH[key] = (parts, counts)
+    if kept is not None and kept[0].numel() >= part_elems and kept[1].numel() >= tiles:
+        return kept
+    parts, counts = kept or (None, None)
+    if parts is None or parts.numel() < part_elems:
+        parts = torch.empty(part_elems, device=device, dtype=torch.float32)
+    if counts is None or counts.numel() < tiles:  # a new, larger set: the old one's counts are all zero
+        counts = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
+    kept = _SCRATCH[key] = (parts, counts)
     return kept
 
 
