@@ -1,5 +1,5 @@
 """The fused-block kernels (kernels/triton_fused.py) against torch written out op by op, the way
-ComfyUI's FLUX.1 block computes them, run on the CPU by Triton's interpreter.
+ComfyUI's FLUX.1 and FLUX.2 blocks compute them, run on the CPU by Triton's interpreter.
 
 The interpreter's float -> bf16 casts do not round to nearest and its float -> fp8 casts are
 wrong (tests/test_triton_interpreter.py), so the quantizing kernels write their scaled values
@@ -75,6 +75,45 @@ def test_gelu_tanh_saturates_without_nan():
     ref = F.gelu(h.float(), approximate="tanh")
     assert torch.isfinite(q.float()).all()
     assert_fp8_rows(q, s, ref)
+
+
+def swiglu_ref(h):
+    """ComfyUI's SiLUActivation in the compute dtype: chunk, silu (rounded), times h2 (rounded)."""
+    h1, h2 = h.chunk(2, dim=-1)
+    return F.silu(h1) * h2
+
+
+@pytest.mark.parametrize("prefix,rows", [(0, 7), (48, 5), (200, 3)])
+def test_swiglu_quant_is_cat_prefix_silu_gate_then_token_fp8(prefix, rows, monkeypatch):
+    # chunks of 64 columns: rows of several chunks and a ragged last one, on 2 programs looping
+    # over the rows (the interpreter's grid)
+    monkeypatch.setattr(triton_fused, "SWIGLU_CHUNK", 64)
+    g = torch.Generator().manual_seed(prefix + rows)
+    wide = (torch.randn(rows, 3 * 96 + 40, generator=g) * 3).bfloat16()
+    h = wide[:, 40:40 + 2 * 96]  # strided rows, like the MLP part of a FLUX.2 single block's linear1 output
+    a = (torch.randn(rows, prefix, generator=g) * 5).bfloat16() if prefix else None
+    q, s = triton_fused.swiglu_quant(h, prefix=a, code_dtype=torch.float32)
+    ref = torch.cat(([a] if prefix else []) + [swiglu_ref(h)], -1).float()
+    assert q.shape == (rows, prefix + 96) and s.shape == (rows, 1)
+    assert_fp8_rows(q, s, ref)
+
+
+def test_swiglu_quant_keeps_rows_apart_and_saturates_without_nan():
+    # row 0's huge gate must not set row 1's scale; silu of large negatives is -0, not NaN
+    h = torch.tensor([[3e4, -1e4, -80.0, 0.0, 2.0, 1.0, 1.0, 5.0],
+                      [0.5, -0.5, 1.0, -1e4, 1.0, 1.0, -1.0, 1.0]]).bfloat16()
+    q, s = triton_fused.swiglu_quant(h, code_dtype=torch.float32)
+    ref = swiglu_ref(h).float()
+    assert torch.isfinite(q).all()
+    assert_fp8_rows(q, s, ref)
+    assert float(s[1]) < 1e-2
+
+
+def test_swiglu_quant_rejects_odd_width_and_mismatched_prefix():
+    with pytest.raises(ValueError, match="two equal halves"):
+        triton_fused.swiglu_quant(torch.zeros(2, 7).bfloat16())
+    with pytest.raises(ValueError, match="prefix has 3 rows"):
+        triton_fused.swiglu_quant(torch.zeros(2, 8).bfloat16(), prefix=torch.zeros(3, 4).bfloat16())
 
 
 def rope_ref(x, pe):

@@ -120,7 +120,7 @@ class _Recorder:
 
 def fused_launches() -> list[Launch]:
     launches = []
-    names = ("_ln_mod_quant_kernel", "_gelu_quant_kernel", "_qk_norm_rope_kernel")
+    names = ("_ln_mod_quant_kernel", "_gelu_quant_kernel", "_swiglu_quant_kernel", "_qk_norm_rope_kernel")
     kernels = {name: getattr(triton_fused, name) for name in names}
     try:
         for name, kernel in kernels.items():
@@ -130,6 +130,7 @@ def fused_launches() -> list[Launch]:
         mod = torch.empty((1, 1, 6 * 3072), **bf16)
         triton_fused.ln_mod_quant(x, mod[:, :, :3072], mod[:, :, 3072:6144])
         triton_fused.gelu_quant(torch.empty((4096, 12288), **bf16), prefix=torch.empty((4096, 3072), **bf16))
+        triton_fused.swiglu_quant(torch.empty((4096, 36864), **bf16), prefix=torch.empty((4096, 6144), **bf16))
         heads, d, length = 24, 128, 512
         qkv = torch.empty((1, length, 3 * heads * d), **bf16)
         q, k, v = (torch.empty((1, heads, 4096 + length, d), **bf16) for _ in range(3))

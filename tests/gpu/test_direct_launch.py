@@ -73,8 +73,9 @@ def test_every_hot_path_kernel_launches_directly_after_its_first_call():
         mod = torch.randn(1, 1, 6144, device=DEV, dtype=torch.bfloat16)
         triton_fused.ln_mod_quant(h, mod[..., :3072], mod[..., 3072:])
         triton_fused.gelu_quant(h)
+        triton_fused.swiglu_quant(h)
     for fn in (triton_w4a16._small_m_kernel, triton_w4a16._decode_kernel, triton_fp8._act_quant_fp8_kernel,
-               triton_fused._ln_mod_quant_kernel, triton_fused._gelu_quant_kernel):
+               triton_fused._ln_mod_quant_kernel, triton_fused._gelu_quant_kernel, triton_fused._swiglu_quant_kernel):
         launcher = direct(fn)
         assert launcher.enabled and launcher.kept, fn
 
