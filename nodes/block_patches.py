@@ -1,4 +1,5 @@
-"""Install the fused FLUX.1 blocks (kernels/fused_blocks.py) as ComfyUI "dit" block replacements.
+"""Install the fused FLUX.1 / FLUX.2 blocks (kernels/fused_blocks.py) as ComfyUI "dit" block
+replacements.
 
 ComfyUI's Flux forward calls `patches_replace["dit"][("double_block", i)]` (and "single_block")
 instead of block i when the model options hold one, passing the block's original forward along.
@@ -66,7 +67,7 @@ def taken_keys(patcher) -> set:
 
 
 def block_patches(diffusion_model, taken=()) -> tuple[dict, dict[str, int]]:
-    """({("double_block", i) | ("single_block", i): patch} for the model's FLUX.1 blocks,
+    """({("double_block", i) | ("single_block", i): patch} for the model's FLUX blocks,
     {reason: count} of the blocks left alone). `taken`: keys another node already replaces."""
     blocks, skipped = fusable_blocks(diffusion_model, taken)
     return {(f"{kind}_block", i): make_patch(block, kind, i) for kind, i, block in blocks}, skipped
@@ -74,7 +75,8 @@ def block_patches(diffusion_model, taken=()) -> tuple[dict, dict[str, int]]:
 
 def install(patcher) -> str:
     """Add the fused-block replacements to a (cloned) ModelPatcher; returns a line for the node's
-    text. Blocks that are not FLUX.1 blocks, or that another node already replaces, are left alone."""
+    text. Blocks the fused forward does not compute, or that another node already replaces, are
+    left alone."""
     patches, skipped = block_patches(patcher.model.diffusion_model, taken_keys(patcher))
     for (name, i), patch in patches.items():
         patcher.set_model_patch_replace(patch, "dit", name, i)

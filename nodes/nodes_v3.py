@@ -64,8 +64,9 @@ class NVFP4Backend(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Combo.Input("backend", options=[registry.AUTO] + registry.names(), default=registry.AUTO),
                 io.Boolean.Input("fuse_blocks", default=True, optional=True,
-                                 tooltip="fp8: run FLUX.1 blocks with fused norm/modulation/quantization, "
-                                         "QK-norm/RoPE and GELU kernels around the FP8 GEMMs"),
+                                 tooltip="fp8: run FLUX.1 and FLUX.2 blocks with fused norm/modulation/"
+                                         "quantization, QK-norm/RoPE and GELU/SiLU-gate kernels around the FP8 "
+                                         "GEMMs"),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],

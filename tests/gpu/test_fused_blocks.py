@@ -1,4 +1,4 @@
-"""Fused FLUX.1 blocks (fp8) on a real GPU: the kernels with real bf16/fp8 rounding, then whole
+"""Fused FLUX.1 and FLUX.2 blocks (fp8) on a real GPU: the kernels with real bf16/fp8 rounding, then whole
 blocks and a small Flux model against ComfyUI's own (COMFYUI_PATH: a ComfyUI checkout; the
 block tests skip without it)."""
 import math
@@ -50,6 +50,20 @@ def test_gelu_quant_matches_cat_gelu_act_quant(prefix):
     a = torch.randn(2, 300, prefix, device=DEV, dtype=torch.bfloat16) if prefix else None
     q, s = triton_fused.gelu_quant(h, prefix=a)
     g = F.gelu(h, approximate="tanh")
+    fp8_codes_match(q, s, torch.cat([a, g], -1) if prefix else g)
+
+
+@pytest.mark.parametrize("prefix,rows", [(0, 300), (6144, 300), (768, 2 * 132 * 4 + 37)])
+def test_swiglu_quant_matches_chunk_silu_mul_act_quant(prefix, rows):
+    # FLUX.2-dev's widths (6144 hidden, 2 x 18432 gate and value), and a small one with more rows
+    # than the kernel's programs, each looping over several
+    kh = 18432 if prefix != 768 else 1000
+    out1 = torch.randn(1, rows, 3 * 6144 + 2 * kh, device=DEV, dtype=torch.bfloat16) * 2
+    h = out1[..., 3 * 6144:]
+    a = torch.randn(1, rows, prefix, device=DEV, dtype=torch.bfloat16) if prefix else None
+    q, s = triton_fused.swiglu_quant(h, prefix=a)
+    h1, h2 = h.chunk(2, dim=-1)
+    g = F.silu(h1) * h2  # ComfyUI's SiLUActivation
     fp8_codes_match(q, s, torch.cat([a, g], -1) if prefix else g)
 
 
@@ -138,10 +152,14 @@ def dense_twin(model):
     return d
 
 
-def block_inputs(flux, hidden, heads, l_txt, l_img, bsz=1):
+FLUX1, FLUX2 = "flux1", "flux2"
+
+
+def block_inputs(flux, hidden, heads, l_txt, l_img, bsz=1, arch=FLUX1):
     g = torch.Generator(device=DEV).manual_seed(5)
-    emb = flux.layers.EmbedND(dim=hidden // heads, theta=10000, axes_dim=[16, 56, 56])
-    ids = torch.zeros(bsz, l_txt + l_img, 3, device=DEV)
+    axes = [16, 56, 56] if arch == FLUX1 else [32, 32, 32, 32]
+    emb = flux.layers.EmbedND(dim=hidden // heads, theta=10000 if arch == FLUX1 else 2000, axes_dim=axes)
+    ids = torch.zeros(bsz, l_txt + l_img, len(axes), device=DEV)
     side = int(math.isqrt(l_img))
     ids[:, l_txt:, 1] = (torch.arange(l_img, device=DEV) // side).float()
     ids[:, l_txt:, 2] = (torch.arange(l_img, device=DEV) % side).float()
@@ -151,14 +169,33 @@ def block_inputs(flux, hidden, heads, l_txt, l_img, bsz=1):
                 pe=emb(ids))
 
 
-@pytest.mark.parametrize("bsz,dtype", [(1, torch.bfloat16), (2, torch.bfloat16), (1, torch.float16)])
-def test_fused_double_and_single_blocks_match_comfyui_blocks(bsz, dtype):
+def flux_blocks(flux, ops, hidden, heads, dtype, arch):
+    """A double and a single block as ComfyUI's Flux builds them for FLUX.1 or FLUX.2, and the
+    `vec` each takes: FLUX.2's model computes the modulation once (global modulation layers,
+    here NVFP4 too) and passes the blocks its outputs."""
+    f2 = dict(modulation=False, mlp_silu_act=True) if arch == FLUX2 else {}
+    ratio = 3.0 if arch == FLUX2 else 4.0
+    double = flux.layers.DoubleStreamBlock(hidden, heads, ratio, qkv_bias=arch == FLUX1, proj_bias=arch == FLUX1,
+                                           dtype=dtype, device=DEV, operations=ops, **f2).to(DEV)
+    single = flux.layers.SingleStreamBlock(hidden, heads, ratio, bias=arch == FLUX1, dtype=dtype, device=DEV,
+                                           operations=ops, **f2).to(DEV)
+    if arch == FLUX1:
+        return double, single, lambda vec: (vec, vec)
+    mods = [flux.layers.Modulation(hidden, double=d, bias=False, dtype=dtype, device=DEV, operations=ops).to(DEV)
+            for d in (True, True, False)]
+    for m in mods:
+        prepare_fp8(m)
+    return double, single, lambda vec: ((mods[0](vec), mods[1](vec)), mods[2](vec)[0])
+
+
+@pytest.mark.parametrize("bsz,dtype,arch", [(1, torch.bfloat16, FLUX1), (2, torch.bfloat16, FLUX1),
+                                            (1, torch.float16, FLUX1), (1, torch.bfloat16, FLUX2),
+                                            (2, torch.bfloat16, FLUX2), (1, torch.float16, FLUX2)])
+def test_fused_double_and_single_blocks_match_comfyui_blocks(bsz, dtype, arch):
     flux, comfy_ops, attention = comfy()
     hidden, heads = 512, 4
     ops = random_ops(comfy_ops, seed=bsz)
-    double = flux.layers.DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, dtype=dtype,
-                                           device=DEV, operations=ops).to(DEV)
-    single = flux.layers.SingleStreamBlock(hidden, heads, 4.0, dtype=dtype, device=DEV, operations=ops).to(DEV)
+    double, single, block_vecs = flux_blocks(flux, ops, hidden, heads, dtype, arch)
     init_norms(double)
     init_norms(single)
     assert fused_blocks.unfusable_reason(double, "double") is None
@@ -166,19 +203,21 @@ def test_fused_double_and_single_blocks_match_comfyui_blocks(bsz, dtype):
     prepare_fp8(double)
     prepare_fp8(single)
     dd, ds = dense_twin(double), dense_twin(single)
-    a = block_inputs(flux, hidden, heads, l_txt=40, l_img=256, bsz=bsz)
+    a = block_inputs(flux, hidden, heads, l_txt=40, l_img=256, bsz=bsz, arch=arch)
     a = {k: v if k == "pe" else v.to(dtype) for k, v in a.items()}  # rotations stay fp32, as in ComfyUI
     x = torch.cat([a["txt"], a["img"]], 1)
     with torch.inference_mode(), active_backend("fp8"):
-        assert fused_blocks.not_now_reason(double, "double", a["img"], a["vec"], a["pe"], {}) is None
-        ref_img, ref_txt = dd(a["img"].clone(), a["txt"].clone(), a["vec"], a["pe"])
-        ref_x = ds(x.clone(), a["vec"], a["pe"])
-        unf_img, unf_txt = double(a["img"].clone(), a["txt"].clone(), a["vec"], a["pe"])
-        unf_x = single(x.clone(), a["vec"], a["pe"])
+        vec_d, vec_s = block_vecs(a["vec"])  # FLUX.2: the same modulation for all three runs
+        assert fused_blocks.not_now_reason(double, "double", a["img"], vec_d, a["pe"], {}) is None
+        assert fused_blocks.not_now_reason(single, "single", x, vec_s, a["pe"], {}) is None
+        ref_img, ref_txt = dd(a["img"].clone(), a["txt"].clone(), vec_d, a["pe"])
+        ref_x = ds(x.clone(), vec_s, a["pe"])
+        unf_img, unf_txt = double(a["img"].clone(), a["txt"].clone(), vec_d, a["pe"])
+        unf_x = single(x.clone(), vec_s, a["pe"])
         assert {m.last_path for m in fused_blocks.linears(double, "double")} == {"fp8"}
-        img, txt = fused_blocks.double_block(double, a["img"].clone(), a["txt"].clone(), a["vec"], a["pe"],
+        img, txt = fused_blocks.double_block(double, a["img"].clone(), a["txt"].clone(), vec_d, a["pe"],
                                              None, {}, attention)
-        fx = fused_blocks.single_block(single, x.clone(), a["vec"], a["pe"], None, {}, attention)
+        fx = fused_blocks.single_block(single, x.clone(), vec_s, a["pe"], None, {}, attention)
     assert {m.last_path for m in fused_blocks.linears(double, "double") + fused_blocks.linears(single, "single")} \
         == {"fp8-fused"}
     # residual streams: compare what the block added (the input itself would hide errors)
@@ -187,10 +226,49 @@ def test_fused_double_and_single_blocks_match_comfyui_blocks(bsz, dtype):
         d_got, d_unf, d_ref = got.float() - inp.float(), unfused.float() - inp.float(), ref.float() - inp.float()
         # fused and unfused quantize the same activations at other rounding points (fp32 vs a
         # bf16 copy), so their FP8 errors differ; each is ~3% from the bf16 block
-        print(f"block delta: fused vs unfused {rel(d_got, d_unf):.4f}, fused vs bf16 {rel(d_got, d_ref):.4f}, "
+        print(f"{arch} block delta: fused vs unfused {rel(d_got, d_unf):.4f}, fused vs bf16 {rel(d_got, d_ref):.4f}, "
               f"unfused vs bf16 {rel(d_unf, d_ref):.4f}")
         assert rel(d_got, d_unf) < 0.06
         assert rel(d_got, d_ref) < 1.1 * rel(d_unf, d_ref) + 1e-3  # no less accurate than unfused fp8
+
+
+def test_flux2_model_with_fused_block_patches_matches_unfused():
+    """FLUX.2's configuration of ComfyUI's Flux (global modulation, SiLU-gated MLPs, no biases,
+    four RoPE axes, patch 1): every block fused, the model's output as accurate as unfused fp8."""
+    flux, comfy_ops, _ = comfy()
+    from comfyui_nvfp4.nodes import block_patches
+    ops = random_ops(comfy_ops, seed=11)
+    model = flux.model.Flux(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
+                            context_in_dim=96, hidden_size=256, mlp_ratio=3.0, num_heads=2, depth=2,
+                            depth_single_blocks=2, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1,
+                            qkv_bias=False, guidance_embed=True, txt_ids_dims=[3], global_modulation=True,
+                            mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
+                            dtype=torch.bfloat16, device=DEV, operations=ops).to(DEV)
+    init_norms(model)
+    prepare_fp8(model)
+    g = torch.Generator(device=DEV).manual_seed(4)
+    inputs = dict(x=torch.randn(1, 128, 16, 16, device=DEV, generator=g).bfloat16(),
+                  timestep=torch.tensor([0.7], device=DEV), guidance=torch.tensor([3.5], device=DEV),
+                  context=torch.randn(1, 24, 96, device=DEV, generator=g).bfloat16())
+    patches, skipped = block_patches.block_patches(model)
+    assert len(patches) == 4 and not skipped
+    dense = dense_twin(model)
+    with torch.inference_mode():
+        ref = dense(**inputs)
+    with torch.inference_mode(), active_backend("fp8"):
+        unfused = model(**inputs)
+        for m in model.modules():
+            if isinstance(m, NVFP4LinearModule):
+                m.last_path = None
+        fused = model(**inputs, transformer_options={"patches_replace": {"dit": patches}})
+    in_blocks = [lin for kind in ("double", "single") for blk in getattr(model, f"{kind}_blocks")
+                 for lin in fused_blocks.linears(blk, kind)]
+    assert {m.last_path for m in in_blocks} == {"fp8-fused"}
+    assert torch.isfinite(fused).all()
+    print(f"flux2 model: fused vs unfused {rel(fused, unfused):.4f}, fused vs bf16 {rel(fused, ref):.4f}, "
+          f"unfused vs bf16 {rel(unfused, ref):.4f}")
+    assert rel(fused, unfused) < 0.06
+    assert rel(fused, ref) < 1.1 * rel(unfused, ref) + 1e-3
 
 
 def test_flux_model_with_fused_block_patches_matches_unfused():

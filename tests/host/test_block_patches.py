@@ -3,6 +3,7 @@ which blocks they take, how they sit in ModelPatcher options next to another nod
 call they cannot fuse (here: no CUDA) runs ComfyUI's own block and gives its exact result.
 The fused forward itself is compared with ComfyUI's blocks on the GPU (tests/gpu/test_fused_blocks.py)."""
 
+import pytest
 import torch
 
 from comfyui_nvfp4.quant import names, quantize_checkpoint
@@ -23,21 +24,35 @@ def dit(patcher):
     return patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
 
 
-def test_flux1_blocks_are_replaced_flux2_blocks_are_not(comfy, tmp_path):
+def test_flux1_and_flux2_blocks_are_replaced(comfy, tmp_path):
+    from comfyui_nvfp4.kernels import fused_blocks
     from comfyui_nvfp4.nodes import block_patches
-    m1 = load(tmp_path, names.FLUX1).clone()
-    dm = m1.model.diffusion_model
-    text = block_patches.install(m1)
+    for arch, act in ((names.FLUX1, fused_blocks.GELU), (names.FLUX2, fused_blocks.SWIGLU)):
+        m = load(tmp_path, arch).clone()
+        dm = m.model.diffusion_model
+        text = block_patches.install(m)
+        assert text == f"fused fp8 blocks: {len(dm.double_blocks) + len(dm.single_blocks)}", (arch, text)
+        assert set(dit(m)) == {("double_block", i) for i in range(len(dm.double_blocks))} | \
+            {("single_block", i) for i in range(len(dm.single_blocks))}
+        # FLUX.1: GELU MLPs, each block its own modulation; FLUX.2: SiLU-gated MLPs, the model's
+        assert {fused_blocks._mlp_activation(b.img_mlp) for b in dm.double_blocks} == {act}
+        assert {fused_blocks._single_activation(b) for b in dm.single_blocks} == {act}
+        assert fused_blocks._own_modulation(dm.double_blocks[0], "double") == (arch == names.FLUX1)
+
+
+def test_blocks_of_other_shapes_are_left_to_comfyui(comfy, tmp_path):
+    """A block whose MLP is not one the fused forward computes keeps ComfyUI's forward, and the
+    node's text says why."""
+    from comfyui_nvfp4.nodes import block_patches
+    m = load(tmp_path, names.FLUX2).clone()
+    dm = m.model.diffusion_model
+    dm.double_blocks[0].img_mlp[1] = torch.nn.GELU()  # exact GELU: not the tanh one FLUX.1 uses
+    dm.single_blocks[0].yak_mlp = True
+    text = block_patches.install(m)
     n = len(dm.double_blocks) + len(dm.single_blocks)
-    assert text == f"fused fp8 blocks: {n}"
-    assert set(dit(m1)) == {("double_block", i) for i in range(len(dm.double_blocks))} | \
-        {("single_block", i) for i in range(len(dm.single_blocks))}
-    m2 = load(tmp_path, names.FLUX2).clone()
-    text = block_patches.install(m2)
-    dm2 = m2.model.diffusion_model
-    assert text == (f"fused fp8 blocks: 0 (not fused: {len(dm2.double_blocks) + len(dm2.single_blocks)} "
-                    f"global modulation (FLUX.2-style block))")
-    assert not dit(m2)
+    assert text == (f"fused fp8 blocks: {n - 2} (not fused: 1 img_mlp is neither Linear-GELU(tanh)-Linear nor "
+                    f"Linear-SiLU gate-Linear; 1 the MLP is neither GELU(tanh) nor a SiLU gate of matching width)")
+    assert ("double_block", 0) not in dit(m) and ("single_block", 0) not in dit(m)
 
 
 def test_other_nodes_replacements_are_kept_and_ours_removed_without_touching_the_source(comfy, tmp_path):
@@ -59,21 +74,26 @@ def test_other_nodes_replacements_are_kept_and_ours_removed_without_touching_the
     assert len(dit(ours)) > 1 and len(dit(other)) == 1  # clones share nothing we changed
 
 
-def test_unfusable_call_runs_comfyui_block_exactly(comfy, tmp_path):
+@pytest.mark.parametrize("arch", [names.FLUX1, names.FLUX2])
+def test_unfusable_call_runs_comfyui_block_exactly(comfy, tmp_path, arch):
     from comfyui_nvfp4.kernels import fused_blocks
     from comfyui_nvfp4.kernels.module import active_backend
     from comfyui_nvfp4.nodes import block_patches
-    patcher = load(tmp_path, names.FLUX1)
+    patcher = load(tmp_path, arch)
     dm = patcher.model.diffusion_model
     patches, skipped = block_patches.block_patches(dm)
     assert not skipped
-    blk = dm.double_blocks[0]
+    blk = dm.single_blocks[0]
     x = torch.randn(1, 16, dm.hidden_size).bfloat16()
-    assert "runs 'dequant'" in fused_blocks.not_now_reason(blk, "double", x, torch.zeros(1, dm.hidden_size), x, {})
+    vec = torch.zeros(1, dm.hidden_size)
+    if arch == names.FLUX2:
+        vec = dm.single_stream_modulation(vec)[0]
+    assert "runs 'dequant'" in fused_blocks.not_now_reason(blk, "single", x, vec, x, {})
     g = torch.Generator().manual_seed(0)
-    inputs = dict(x=torch.randn(1, 16, 8, 8, generator=g).bfloat16(), timestep=torch.tensor([0.5]),
-                  context=torch.randn(1, 8, 64, generator=g).bfloat16(),
-                  y=torch.randn(1, 32, generator=g).bfloat16(), guidance=torch.tensor([3.5]))
+    inputs = dict(x=torch.randn(1, 16 if arch == names.FLUX1 else 128, 8, 8, generator=g).bfloat16(),
+                  timestep=torch.tensor([0.5]), context=torch.randn(1, 8, 64, generator=g).bfloat16(),
+                  y=torch.randn(1, 32, generator=g).bfloat16() if arch == names.FLUX1 else None,
+                  guidance=torch.tensor([3.5]))
     block_patches._LOGGED.clear()
     with torch.inference_mode(), active_backend("dequant"):
         plain = dm(**inputs)
@@ -82,6 +102,28 @@ def test_unfusable_call_runs_comfyui_block_exactly(comfy, tmp_path):
     assert torch.equal(plain, patched)
     # the patches ran, found the call unfusable and said why
     assert {k.split(":")[0] for k in block_patches._LOGGED} == {"double", "single"}
+
+
+def test_flux2_modulation_split_per_token_range_is_named(comfy, tmp_path):
+    """FLUX.2 passes its blocks the model's modulation; with reference latents at timestep zero
+    ComfyUI splits the image's into two ([B, 2, C]): that call runs ComfyUI's block."""
+    from comfyui_nvfp4.kernels import fused_blocks
+    dm = load(tmp_path, names.FLUX2).model.diffusion_model
+    h = dm.hidden_size
+    x = torch.zeros(1, 16, h).bfloat16()
+    vec = torch.zeros(1, h)
+    with torch.inference_mode():
+        img, txt = dm.double_stream_modulation_img(vec), dm.double_stream_modulation_txt(vec)
+        split = dm.double_stream_modulation_img(torch.zeros(1, 2, h))
+        single, _ = dm.single_stream_modulation(vec)
+    assert fused_blocks._modulation_reason(dm.double_blocks[0], "double", x, (img, txt)) is None
+    assert fused_blocks._modulation_reason(dm.single_blocks[0], "single", x, single) is None
+    assert fused_blocks._modulation_reason(dm.double_blocks[0], "double", x, (split, txt)) == \
+        "per-token modulation (reference latents with timestep zero)"
+    assert fused_blocks._modulation_reason(dm.double_blocks[0], "double", x, vec).startswith(
+        "unexpected modulation input")
+    assert fused_blocks._modulation_reason(dm.single_blocks[0], "single", torch.zeros(2, 16, h), single) \
+        .startswith("unexpected modulation shapes")
 
 
 def test_each_reason_to_run_comfyui_block_is_named(comfy, tmp_path):
