@@ -77,7 +77,7 @@ def main():
     import comfy.ops
 
     dev = torch.device("cuda")
-    quantized = bench_step.build(comfy.ops, True, dev)
+    quantized = bench_step.build(comfy.ops, True, dev, bench_step.DIMS["flux1"])
     dense = bench_step.dense_copy(quantized)
     w4a16 = registry.get("w4a16")
     for m in quantized.modules():
@@ -91,7 +91,7 @@ def main():
     mark_small_m_calls(dense)
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
           f"{__import__('triton').__version__}; FLUX.1-dev dims, 1024x1024; GPU us a call, median over {STEPS} steps")
-    one = bench_step.step_inputs(dev)
+    one = bench_step.step_inputs(dev, bench_step.DIMS["flux1"])
     for batch in map(int, a.batches.split(",")):
         inputs = {k: v.expand(batch, *v.shape[1:]).contiguous() if v.dim() else v for k, v in one.items()}
         bf16, ours = small_m_times(dense, inputs, None), small_m_times(quantized, inputs, "w4a16")

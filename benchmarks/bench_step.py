@@ -1,4 +1,5 @@
-"""One FLUX.1-dev-sized DiT step in ComfyUI's own Flux model (random weights, 1024x1024, batch 1).
+"""One FLUX.1-dev-sized (or, with --arch flux2, FLUX.2-dev-sized) DiT step in ComfyUI's own Flux
+model (random weights, 1024x1024, batch 1).
 
 `--size 256 --text-tokens 64` makes the step host-bound (320 tokens of GPU work): its time is
 then what the host spends on a step, for ComfyUI's own code (the bf16 row) and for ours.
@@ -29,9 +30,18 @@ from comfyui_nvfp4.quant import names  # noqa: E402
 from comfyui_nvfp4.quant.layers import DenseLinear, NVFP4Linear  # noqa: E402
 from comfyui_nvfp4.quant.nvfp4 import NVFP4Weight  # noqa: E402
 
-DIMS = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
-            mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000,
-            patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+DIMS = {  # ComfyUI's Flux configurations (comfy/model_detection.py) at the released models' sizes
+    "flux1": dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                  hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
+                  axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+                  txt_ids_dims=[]),
+    "flux2": dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=15360,
+                  hidden_size=6144, mlp_ratio=3.0, num_heads=48, depth=8, depth_single_blocks=48,
+                  axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=True,
+                  txt_ids_dims=[3], global_modulation=True, mlp_silu_act=True, ops_bias=False,
+                  default_ref_method="index", ref_index_scale=10.0),
+}
+MODEL_NAMES = {"flux1": "FLUX.1-dev", "flux2": "FLUX.2-dev"}
 
 
 def random_nvfp4(n, k, dev, g):
@@ -42,7 +52,7 @@ def random_nvfp4(n, k, dev, g):
     return NVFP4Weight(packed, scale, torch.tensor(0.02 / math.sqrt(k), device=dev))
 
 
-def build(comfy_ops, quantized: bool, dev):
+def build(comfy_ops, quantized: bool, dev, dims):
     import comfy.ldm.flux.model as fm
 
     g = torch.Generator(device=dev).manual_seed(0)
@@ -61,7 +71,7 @@ def build(comfy_ops, quantized: bool, dev):
         pass
 
     Ops.Linear = Linear
-    model = fm.Flux(image_model="flux", dtype=torch.bfloat16, device=dev, operations=Ops, **DIMS)
+    model = fm.Flux(dtype=torch.bfloat16, device=dev, operations=Ops, **dims)
     for n, m in model.named_modules():
         if isinstance(m, torch.nn.RMSNorm):  # ComfyUI leaves these uninitialized (checkpoints fill them)
             m.weight.data = (torch.rand(m.weight.shape, device=dev, generator=g) * 0.5 + 0.75).to(m.weight.dtype)
@@ -87,17 +97,21 @@ def weight_bytes(model):
                if n.rsplit(".", 1)[-1].startswith(("packed", "scale", "weight", "prep_")))
 
 
-def step_inputs(dev, size=1024, text_tokens=512):
+def step_inputs(dev, dims, size=1024, text_tokens=512):
+    """FLUX.1: 16-channel latents at 1/8 of the image, 2x2 patches; FLUX.2: 128 channels at 1/16,
+    patch 1. Either way (size / 16)^2 image tokens."""
     g = torch.Generator(device=dev).manual_seed(1)
-    latent = size // 8
-    return dict(x=torch.randn(1, 16, latent, latent, device=dev, generator=g, dtype=torch.bfloat16),
+    latent = size // 8 if dims["patch_size"] == 2 else size // 16
+    y = dims["vec_in_dim"]
+    return dict(x=torch.randn(1, dims["in_channels"], latent, latent, device=dev, generator=g, dtype=torch.bfloat16),
                 timestep=torch.tensor([0.5], device=dev, dtype=torch.float32),
-                context=torch.randn(1, text_tokens, 4096, device=dev, generator=g, dtype=torch.bfloat16),
-                y=torch.randn(1, 768, device=dev, generator=g, dtype=torch.bfloat16),
+                context=torch.randn(1, text_tokens, dims["context_in_dim"], device=dev, generator=g,
+                                    dtype=torch.bfloat16),
+                y=torch.randn(1, y, device=dev, generator=g, dtype=torch.bfloat16) if y else None,
                 guidance=torch.tensor([3.5], device=dev, dtype=torch.float32))
 
 
-FUSED = "fp8+fused"  # the fp8 backend with the fused FLUX.1 blocks (nodes/block_patches.py)
+FUSED = "fp8+fused"  # the fp8 backend with the fused FLUX blocks (nodes/block_patches.py)
 # the layers fed the conditioning vector (modulation) on w4a16, the token layers on fp8 with fused
 # blocks: what `auto` runs where w4a16's small-M call is the cheaper one (nodes/backend_apply.select)
 MIX = "fp8+fused+w4a16-vector"
@@ -134,7 +148,7 @@ def kernel_kind(name: str) -> str:
     n = name.lower()
     if any(t in n for t in ("flash", "fmha", "attention", "sdpa")):
         return "attention"
-    if any(t in n for t in ("_act_quant", "_small_m", "_decode_kernel", "_ln_mod_quant", "_gelu_quant",
+    if any(t in n for t in ("_act_quant", "_small_m", "_decode_kernel", "_ln_mod_quant", "_gelu_quant", "_swiglu_quant",
                             "_qk_norm_rope")):
         return "our triton"
     if any(t in n for t in ("gemm", "sm90_xmma", "cutlass", "nvjet", "f8f8bf16", "gemv", "cublas")):
@@ -206,6 +220,9 @@ def main():
                     help="image side in pixels (a multiple of 16). Small sizes with few --text-tokens leave the "
                          "GPU waiting for the host: the step time is then the host's time for a step")
     ap.add_argument("--text-tokens", type=int, default=512)
+    ap.add_argument("--arch", choices=sorted(DIMS), default="flux1", help="the model's dims: FLUX.1-dev or FLUX.2-dev")
+    ap.add_argument("--blocks", default=None, metavar="DOUBLE,SINGLE",
+                    help="fewer blocks than the model has (default: all); the table then says so")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per path (the median is reported)")
     ap.add_argument("--backends", default=f"dequant,w4a16,fp8,{FUSED}",
                     help=f"Hopper: dequant,w4a16,fp8,{FUSED} (and '{MIX}', which needs w4a16 in the list); "
@@ -215,7 +232,10 @@ def main():
     import comfy.ops
 
     dev = torch.device("cuda")
-    q = build(comfy.ops, True, dev)
+    dims = dict(DIMS[a.arch])
+    if a.blocks:
+        dims["depth"], dims["depth_single_blocks"] = (int(n) for n in a.blocks.split(","))
+    q = build(comfy.ops, True, dev, dims)
     modules = [m for m in q.modules() if isinstance(m, NVFP4LinearModule) and m.format == "nvfp4"]
     if a.compile_at_load:
         t_load = time.perf_counter()
@@ -283,7 +303,7 @@ def main():
     for m in d.modules():
         if isinstance(m, NVFP4LinearModule):
             m.drop_prepared()
-    inputs = step_inputs(dev, a.size, a.text_tokens)
+    inputs = step_inputs(dev, dims, a.size, a.text_tokens)
     from comfyui_nvfp4.nodes.block_patches import block_patches
     patches, _ = block_patches(q)
     for m in modules:  # the MIX path's per-layer choice
@@ -342,8 +362,9 @@ def main():
             del model
             torch.cuda.empty_cache()
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
-          f"{__import__('triton').__version__}; FLUX.1-dev dims, {a.size}x{a.size} ({(a.size // 16) ** 2} image + "
-          f"{a.text_tokens} text tokens)")
+          f"{__import__('triton').__version__}; {MODEL_NAMES[a.arch]} dims ({dims['depth']} double + "
+          f"{dims['depth_single_blocks']} single blocks{', fewer than the model has' if a.blocks else ''}), "
+          f"{a.size}x{a.size} ({(a.size // 16) ** 2} image + {a.text_tokens} text tokens)")
     w = preparation.PREP_WORKERS
     print(f"NVFP4 linears: {len(modules)} layers, {nparams / 1e9:.2f} B weights; fp8 preparation of all of "
           f"them as the node does it (CPU originals -> GPU -> CPU): {prep[1, False]:.2f} s in one thread, "
@@ -353,7 +374,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     t_deq = rows[1][1]
     for name, t, wb, peak, err in rows:
-        print(f"| {name} | {t:.1f} | {t_bf16 / t:.2f} | {t_deq / t:.2f} | {wb / 2**30:.2f} | {peak / 2**30:.2f} | {err:.4f} |")
+        print(f"| {name} | {t:.1f} | {t_bf16 / t:.2f} | {t_deq / t:.2f} | {wb / 2**30:.2f} | {peak / 2**30:.2f} | {err:.2e} |")
 
 
 if __name__ == "__main__":
