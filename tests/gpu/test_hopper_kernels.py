@@ -288,12 +288,16 @@ def test_offloaded_and_moved_modules_still_run(backend):
         assert torch.equal(y_offloaded, y_loaded) and torch.equal(y_loaded, y_reloaded)
 
 
-def test_staged_transfers_are_exact_and_release_their_buffers():
+@pytest.mark.parametrize("nbytes", [None, (1 << 20) + 3])
+def test_staged_transfers_are_exact_and_release_their_buffers(nbytes):
+    """Tensors that fit the pinned buffer, and larger ones that go through it in chunks (the
+    small odd-sized buffer: dozens of chunks of every element size, ragged last chunks)."""
     from comfyui_nvfp4.kernels import transfer
     tensors = [torch.randint(0, 256, (3072, 1536), dtype=torch.uint8),
                torch.randn(21504, 3072).to(torch.float8_e4m3fn), torch.randn(777), torch.randn(3, 5).t(),
+               torch.randn(3000, 1001).t(),  # larger than the small buffer and not contiguous
                torch.randint(0, 256, (transfer.STAGING_BYTES + 16,), dtype=torch.uint8)]  # larger than the buffer
-    with transfer.staging() as s:
+    with (transfer.staging() if nbytes is None else transfer.staging(nbytes)) as s:
         assert s is not None
         for t in tensors:
             d = transfer.to_device(t, DEV)
