@@ -187,17 +187,23 @@ def ln_mod_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps:
     return q, s
 
 
+def _prefixed_outputs(name: str, h2: torch.Tensor, prefix: torch.Tensor | None, width: int, code_dtype):
+    """(prefix rows [M, KA], codes [M, KA + width], row scales [M, 1]) of a [prefix | f(h)] kernel."""
+    m = h2.shape[0]
+    a2 = _rows(prefix) if prefix is not None else h2[:, :0]
+    if a2.shape[0] != m:
+        raise ValueError(f"{name}: prefix has {a2.shape[0]} rows, h has {m}")
+    q = torch.empty((m, a2.shape[1] + width), device=h2.device, dtype=code_dtype)
+    return a2, q, torch.empty((m, 1), device=h2.device, dtype=torch.float32)
+
+
 def gelu_quant(h: torch.Tensor, prefix: torch.Tensor | None = None, code_dtype=torch.float8_e4m3fn):
     """[prefix | gelu_tanh(h)] along the last dim -> (fp8 [M, KA + KH], fp32 row scales [M, 1]).
     code_dtype as in ln_mod_quant."""
     h2 = _rows(h)
     m, kh = h2.shape
-    a2 = _rows(prefix) if prefix is not None else h2[:, :0]
-    if a2.shape[0] != m:
-        raise ValueError(f"gelu_quant: prefix has {a2.shape[0]} rows, h has {m}")
+    a2, q, s = _prefixed_outputs("gelu_quant", h2, prefix, kh, code_dtype)
     ka = a2.shape[1]
-    q = torch.empty((m, ka + kh), device=h.device, dtype=code_dtype)
-    s = torch.empty((m, 1), device=h.device, dtype=torch.float32)
     ba, bh = max(16, next_pow2(ka)), next_pow2(kh)
     direct(_gelu_quant_kernel)((m,), (a2, h2, q, s, ka, kh, a2.stride(0), h2.stride(0), q.stride(0)),
                                dict(BLOCK_A=ba, BLOCK_H=bh, num_warps=_warps(ba + bh)))
@@ -231,15 +237,10 @@ def swiglu_quant(h: torch.Tensor, prefix: torch.Tensor | None = None, code_dtype
     if width % 2:
         raise ValueError(f"swiglu_quant: h is {width} wide, not two equal halves")
     kh = width // 2
-    a2 = _rows(prefix) if prefix is not None else h2[:, :0]
-    if a2.shape[0] != m:
-        raise ValueError(f"swiglu_quant: prefix has {a2.shape[0]} rows, h has {m}")
-    ka = a2.shape[1]
-    q = torch.empty((m, ka + kh), device=h.device, dtype=code_dtype)
-    s = torch.empty((m, 1), device=h.device, dtype=torch.float32)
+    a2, q, s = _prefixed_outputs("swiglu_quant", h2, prefix, kh, code_dtype)
     if m:
         direct(_swiglu_quant_kernel)((min(m, _programs(h.device)),),
-                                     (a2, h2, q, s, m, ka, kh, a2.stride(0), h2.stride(0), q.stride(0)),
+                                     (a2, h2, q, s, m, a2.shape[1], kh, a2.stride(0), h2.stride(0), q.stride(0)),
                                      dict(CH=SWIGLU_CHUNK, num_warps=SWIGLU_WARPS))
     return q, s
 

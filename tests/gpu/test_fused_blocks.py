@@ -232,26 +232,12 @@ def test_fused_double_and_single_blocks_match_comfyui_blocks(bsz, dtype, arch):
         assert rel(d_got, d_ref) < 1.1 * rel(d_unf, d_ref) + 1e-3  # no less accurate than unfused fp8
 
 
-def test_flux2_model_with_fused_block_patches_matches_unfused():
-    """FLUX.2's configuration of ComfyUI's Flux (global modulation, SiLU-gated MLPs, no biases,
-    four RoPE axes, patch 1): every block fused, the model's output as accurate as unfused fp8."""
-    flux, comfy_ops, _ = comfy()
+def fused_unfused_and_reference(model, inputs, name):
+    """A prepared model's output in bf16 (dequantized weights), fp8 and fp8 with every block
+    fused: (reference, unfused, fused, the patches), the fused one checked against the others."""
     from comfyui_nvfp4.nodes import block_patches
-    ops = random_ops(comfy_ops, seed=11)
-    model = flux.model.Flux(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
-                            context_in_dim=96, hidden_size=256, mlp_ratio=3.0, num_heads=2, depth=2,
-                            depth_single_blocks=2, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1,
-                            qkv_bias=False, guidance_embed=True, txt_ids_dims=[3], global_modulation=True,
-                            mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
-                            dtype=torch.bfloat16, device=DEV, operations=ops).to(DEV)
-    init_norms(model)
-    prepare_fp8(model)
-    g = torch.Generator(device=DEV).manual_seed(4)
-    inputs = dict(x=torch.randn(1, 128, 16, 16, device=DEV, generator=g).bfloat16(),
-                  timestep=torch.tensor([0.7], device=DEV), guidance=torch.tensor([3.5], device=DEV),
-                  context=torch.randn(1, 24, 96, device=DEV, generator=g).bfloat16())
     patches, skipped = block_patches.block_patches(model)
-    assert len(patches) == 4 and not skipped
+    assert len(patches) == len(model.double_blocks) + len(model.single_blocks) and not skipped
     dense = dense_twin(model)
     with torch.inference_mode():
         ref = dense(**inputs)
@@ -265,15 +251,35 @@ def test_flux2_model_with_fused_block_patches_matches_unfused():
                  for lin in fused_blocks.linears(blk, kind)]
     assert {m.last_path for m in in_blocks} == {"fp8-fused"}
     assert torch.isfinite(fused).all()
-    print(f"flux2 model: fused vs unfused {rel(fused, unfused):.4f}, fused vs bf16 {rel(fused, ref):.4f}, "
+    print(f"{name}: fused vs unfused {rel(fused, unfused):.4f}, fused vs bf16 {rel(fused, ref):.4f}, "
           f"unfused vs bf16 {rel(unfused, ref):.4f}")
     assert rel(fused, unfused) < 0.06
     assert rel(fused, ref) < 1.1 * rel(unfused, ref) + 1e-3
+    return ref, unfused, fused, patches
+
+
+def test_flux2_model_with_fused_block_patches_matches_unfused():
+    """FLUX.2's configuration of ComfyUI's Flux (global modulation, SiLU-gated MLPs, no biases,
+    four RoPE axes, patch 1): every block fused, the model's output as accurate as unfused fp8."""
+    flux, comfy_ops, _ = comfy()
+    ops = random_ops(comfy_ops, seed=11)
+    model = flux.model.Flux(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
+                            context_in_dim=96, hidden_size=256, mlp_ratio=3.0, num_heads=2, depth=2,
+                            depth_single_blocks=2, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1,
+                            qkv_bias=False, guidance_embed=True, txt_ids_dims=[3], global_modulation=True,
+                            mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
+                            dtype=torch.bfloat16, device=DEV, operations=ops).to(DEV)
+    init_norms(model)
+    prepare_fp8(model)
+    g = torch.Generator(device=DEV).manual_seed(4)
+    inputs = dict(x=torch.randn(1, 128, 16, 16, device=DEV, generator=g).bfloat16(),
+                  timestep=torch.tensor([0.7], device=DEV), guidance=torch.tensor([3.5], device=DEV),
+                  context=torch.randn(1, 24, 96, device=DEV, generator=g).bfloat16())
+    fused_unfused_and_reference(model, inputs, "flux2 model")
 
 
 def test_flux_model_with_fused_block_patches_matches_unfused():
     flux, comfy_ops, _ = comfy()
-    from comfyui_nvfp4.nodes import block_patches
     ops = random_ops(comfy_ops, seed=7)
     model = flux.model.Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=64, context_in_dim=96,
                             hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
@@ -286,21 +292,7 @@ def test_flux_model_with_fused_block_patches_matches_unfused():
                   timestep=torch.tensor([0.7], device=DEV), guidance=torch.tensor([3.5], device=DEV),
                   context=torch.randn(1, 24, 96, device=DEV, generator=g).bfloat16(),
                   y=torch.randn(1, 64, device=DEV, generator=g).bfloat16())
-    patches, skipped = block_patches.block_patches(model)
-    assert len(patches) == 4 and not skipped
-    dense = dense_twin(model)
-    with torch.inference_mode():
-        ref = dense(**inputs)
-    with torch.inference_mode(), active_backend("fp8"):
-        unfused = model(**inputs)
-        fused = model(**inputs, transformer_options={"patches_replace": {"dit": patches}})
-        paths = {m.last_path for m in model.modules() if isinstance(m, NVFP4LinearModule)}
-    assert "fp8-fused" in paths
-    assert torch.isfinite(fused).all()
-    print(f"model: fused vs unfused {rel(fused, unfused):.4f}, fused vs bf16 {rel(fused, ref):.4f}, "
-          f"unfused vs bf16 {rel(unfused, ref):.4f}")
-    assert rel(fused, unfused) < 0.06
-    assert rel(fused, ref) < 1.1 * rel(unfused, ref) + 1e-3
+    ref, unfused, fused, patches = fused_unfused_and_reference(model, inputs, "model")
     # a layer on another backend: the patch runs ComfyUI's block (w4a16 here), nothing fused
     w4 = registry.get("w4a16")
     blk = model.single_blocks[0]
