@@ -133,7 +133,8 @@ def not_now_reason(block, kind: str, x: torch.Tensor, vec, pe, transformer_optio
 
 def _own_modulation(block, kind: str) -> bool:
     """FLUX.1 blocks hold their modulation layers; FLUX.2's model passes the modulation in."""
-    return bool(block.modulation) if kind == "double" else block.modulation is not None
+    own = getattr(block, "modulation", None)
+    return bool(own) if kind == "double" else own is not None
 
 
 def modulations(block, kind: str, vec) -> tuple:

@@ -14,9 +14,9 @@ qk_norm_rope:  q, k RMSNorm with their weights -> RoPE; q, k, v written straight
                casts, torch.cat x3, apply_rope).
 
 Where ComfyUI rounds an intermediate to the compute dtype (bf16 or fp16: the LayerNorm and
-RMSNorm outputs, 1 + scale, the GELU output, SiLU(h1) and its product with h2) these kernels round at the same point, so they
-compute what ComfyUI's block computes up to the order of fp32 sums; the activations are then
-quantized from fp32, not from a rounded copy.
+RMSNorm outputs, 1 + scale, the GELU output, SiLU(h1) and its product with h2) these kernels
+round at the same point, so they compute what ComfyUI's block computes up to the order of fp32
+sums; the activations are then quantized from fp32, not from a rounded copy.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def _swiglu_chunk(h_row, cols, KH, like_ptr):
 def _swiglu_quant_kernel(a_ptr, h_ptr, q_ptr, s_ptr, M, KA, KH, stride_am, stride_hm, stride_qm,
                          CH: tl.constexpr):
     # FLUX.2's rows (up to 6144 + 2 x 18432 wide) do not fit one register tile: each row is read
-    # in CH-wide chunks twice, once for its |max|, once to write the codes (mostly from L2).
+    # in CH-wide chunks twice, once for its |max|, once to write the codes.
     # Programs loop over rows, a grid of a few per SM.
     cols = tl.arange(0, CH)
     for r in range(tl.program_id(0).to(tl.int64), M, tl.num_programs(0)):  # int64 offsets below
