@@ -7,10 +7,12 @@ the 2^14 into the e4m3 block scale (exact in fp32), so v * scale is the exact e2
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 import triton
 import triton.language as tl
 
@@ -57,6 +59,13 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (read once per device, not per call: the property query costs host
+    time); 1 elsewhere (the interpreter, meta tensors)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def row_tile(m: int) -> int:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import direct, fp8_codes, fp8_row_scale, next_pow2
+from .triton_common import direct, fp8_codes, fp8_row_scale, next_pow2, sm_count
 
 
 @triton.jit
@@ -214,19 +214,12 @@ def gelu_quant(h: torch.Tensor, prefix: torch.Tensor | None = None, code_dtype=t
 # 6144-wide prefix, against 552 / 679 us for ComfyUI's chunk, silu, mul and our act_quant. Fewer
 # programs per SM ran slower (1: 2-4x): loads in flight matter more here than L2 hits
 SWIGLU_CHUNK, SWIGLU_WARPS, SWIGLU_PROGRAMS_PER_SM = 2048, 8, 8
-_SMS: dict[int, int] = {}
 
 
 def _programs(device: torch.device) -> int:
-    """Programs for a row-looping kernel: a few per SM (cached per device: the property query
-    costs microseconds of host time per call); 2 on the CPU interpreter, so its tests loop."""
-    if device.type != "cuda":
-        return 2
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SMS.get(idx)
-    if n is None:
-        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n * SWIGLU_PROGRAMS_PER_SM
+    """Programs for a row-looping kernel: a few per SM; 2 on the CPU interpreter, so its tests
+    loop."""
+    return sm_count(device) * SWIGLU_PROGRAMS_PER_SM if device.type == "cuda" else 2
 
 
 def swiglu_quant(h: torch.Tensor, prefix: torch.Tensor | None = None, code_dtype=torch.float8_e4m3fn):

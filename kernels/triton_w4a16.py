@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LayerShape, Launch, cdiv, direct
+from .triton_common import LayerShape, Launch, cdiv, direct, sm_count
 from .versions import release
 from .w4a16_layout import (ROTATION, SCALE_BIAS, SCALE_EXP, SCALE_SHIFT, SUPER, TARGET_BIT, TILE_ROWS,
                            WEIGHT_FACTOR, check_packable, padded_rows)
@@ -407,12 +407,6 @@ def choose(m: int, n: int, k: int, sms: int) -> tuple[dict, int]:
     return cfg, split_for(triton.cdiv(n, cfg["BN"]), k // SUPER, sms)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device (read once per device, not per call); 1 elsewhere (the interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale_w4a16: torch.Tensor, global_scale: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor, config: dict | None = None,
                  split: int | None = None) -> torch.Tensor:
@@ -425,7 +419,7 @@ def small_m_gemm(x2d: torch.Tensor, packed_w4a16: torch.Tensor, scale_w4a16: tor
                          f"got M={m}, out {tuple(out.shape)}")
     _check(packed_w4a16, scale_w4a16, n, k, "small_m_gemm")
     if config is None or split is None:
-        picked, picked_split = choose(m, n, k, _sm_count(x2d.device))
+        picked, picked_split = choose(m, n, k, sm_count(x2d.device))
         config = picked if config is None else config
         split = picked_split if split is None else split
     launch = _small_m_launch(x2d, packed_w4a16, scale_w4a16, global_scale, bias, out, config, split)
@@ -497,7 +491,7 @@ def preparation_launches(layer: LayerShape, device: torch.device) -> list[Launch
     for n in layer.rows:
         codes, scales, pack_launch = _pack_launch(torch.empty((n, k // 2), dtype=torch.uint8, **meta),
                                                   torch.empty((n, k // 16), dtype=torch.float8_e4m3fn, **meta))
-        cfg, split = choose(1, n, k, _sm_count(device))
+        cfg, split = choose(1, n, k, sm_count(device))
         launches += [pack_launch, _decode_launch(codes, scales, gscale, weight[start:start + n]),
                      _small_m_launch(x, codes, scales, gscale, None if bias is None else bias[start:start + n],
                                      out[:, start:start + n], cfg, split)]
