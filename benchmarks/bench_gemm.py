@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from _bootstrap import ensure_package  # noqa: E402
 
 ensure_package()
-from bench_overhead import per_call_us  # noqa: E402  (host time per call)
+from bench_overhead import host_us  # noqa: E402  (host time per call)
 from comfyui_nvfp4.kernels import registry  # noqa: E402
 from comfyui_nvfp4.kernels.module import NVFP4LinearModule  # noqa: E402
 from comfyui_nvfp4.kernels.portable import EMULATE  # noqa: E402
@@ -154,7 +154,7 @@ def main():
                         b.fast_accum = True
                 fns["fp8-promoting-accum"] = promoting
         times = bench_all(fns, graph=a.graph, flush=a.flush)
-        hosts = {label: per_call_us(fn, 200, wait_for_gpu=False) / 1e3 for label, fn in fns.items()} if a.graph else {}
+        hosts = {label: host_us(fn) / 1e3 for label, fn in fns.items()} if a.graph else {}
         base = times["bf16"]
         res = {"shape": [m, k, n], "bf16_ms": base, "emulate_err": rel(EMULATE.run(mod, x.float()), ref),
                "bf16_err": rel(torch.nn.functional.linear(x, w_bf16, bias), ref)}
