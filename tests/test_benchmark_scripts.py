@@ -14,11 +14,11 @@ SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
 # Runs each script as __main__ with --help, its own folder first on sys.path (as `python script`
 # does), and prints one line per script: its name, then "ok" or the error.
 _RUNNER = r"""
-import contextlib, io, runpy, sys, traceback
+import contextlib, io, os, runpy, sys, traceback
 base_path = list(sys.path)
 for script in sys.argv[1:]:
     sys.argv = [script, "--help"]
-    sys.path[:] = [script.rsplit("/", 1)[0]] + base_path
+    sys.path[:] = [os.path.dirname(script)] + base_path
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
@@ -28,7 +28,7 @@ for script in sys.argv[1:]:
         result = "ok" if e.code in (0, None) and "usage:" in out.getvalue() else f"exit {e.code}: {out.getvalue()[-300:]}"
     except BaseException:
         result = traceback.format_exc(limit=3)[-600:].replace("\n", " | ")
-    print(script.rsplit("/", 1)[1], result, flush=True)
+    print(os.path.basename(script), result, flush=True)
 """
 
 
