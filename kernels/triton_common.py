@@ -69,8 +69,8 @@ def sm_count(device: torch.device) -> int:
 
 
 def row_tile(m: int) -> int:
-    """Rows a small-M program holds: M rounded up to a power of two (M <= 16)."""
-    return 1 << max(0, (m - 1).bit_length())
+    """Rows a small-M program holds: M rounded up to a power of two (M <= 16), at least 1."""
+    return next_pow2(max(m, 1))
 
 
 _AUTOTUNER_LOCK = threading.Lock()
